@@ -1,0 +1,207 @@
+"""Returns and advantage estimators, as pure functions on tensors.
+
+Shapes: ``B`` sequences, ``T`` token positions; ``N = num_groups · G`` completions for group-relative methods.
+
+Time runs over the *valid* tokens of a row: masked positions are skipped as if deleted (they neither receive
+nor pass on reward, and do not count as a time step). With the usual right padding this is simply "the episode
+ends at the last valid token, and everything after it (values included) is 0"; it also makes left padding or a
+masked prompt prefix harmless. Masked positions of every (B, T) output are exactly 0, and whatever the inputs
+hold there is never read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "GROUP_ADVANTAGES",
+    "discounted_returns",
+    "gae",
+    "group_advantages",
+    "reward_to_go",
+    "td_residual",
+    "zero_std_group_fraction",
+]
+
+
+def _valid(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _reverse_scan(rewards: Tensor, mask: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """Reward-to-go at each valid position, and the total return seen from before the first valid token."""
+    valid = _valid(mask)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = torch.where(valid[:, t], rewards[:, t] + gamma * running, running)
+        out[:, t] = torch.where(valid[:, t], running, torch.zeros_like(running))
+    return out, running
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Discounted reward-to-go: ``G_t = Σ_{t' ≥ t} γ^{t'−t} r_{t'}`` over valid positions.
+
+    (Ψ_t option 2 of the policy-gradient estimators, Schulman et al. 2016 §2.) Shapes: ``rewards``, ``mask``
+    (B, T) → (B, T); 0 on masked positions.
+    """
+    return _reverse_scan(rewards, mask, gamma)[0]
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Total discounted return of each sequence: ``R = Σ_k γ^k r_k`` over its valid tokens ``k = 0, 1, …``.
+
+    (Ψ_t option 1: the same return for every token of the sequence, as in vanilla REINFORCE.) Shapes:
+    ``rewards``, ``mask`` (B, T) → (B,). Equals :func:`reward_to_go` at the first valid token.
+    """
+    return _reverse_scan(rewards, mask, gamma)[1]
+
+
+def _next_values(values: Tensor, mask: Tensor) -> Tensor:
+    """``V`` at the next valid position of each row, 0 after the last valid one. (B, T) → (B, T)."""
+    valid = _valid(mask)
+    out = torch.zeros_like(values)
+    nxt = torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        out[:, t] = nxt
+        nxt = torch.where(valid[:, t], values[:, t], nxt)
+    return out
+
+
+def td_residual(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """One-step TD residual ``δ_t = r_t + γ V_{t+1} − V_t``, with ``V`` = 0 after the last valid token.
+
+    Shapes: ``rewards``, ``values``, ``mask`` (B, T) → (B, T); 0 on masked positions.
+    """
+    valid = _valid(mask)
+    delta = rewards + gamma * _next_values(values, mask) - values
+    return torch.where(valid, delta, torch.zeros_like(delta))
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) and the matching value targets.
+
+    ``A_t = Σ_{l ≥ 0} (γλ)^l δ_{t+l}``, ``δ_t = r_t + γ V_{t+1} − V_t``, computed backwards as
+    ``A_t = δ_t + γλ A_{t+1}``; returns ``R_t = A_t + V_t``. The episode ends at the last valid token (``V`` and
+    ``A`` after it are 0). ``λ = 1`` gives ``reward_to_go − V`` (Monte-Carlo), ``λ = 0`` gives ``δ_t``.
+
+    Shapes: ``rewards``, ``values``, ``mask`` (B, T) → ``(advantages, returns)``, (B, T) each, 0 on masked
+    positions. Not whitened: see :func:`align.losses.masked_whiten`.
+    """
+    valid = _valid(mask)
+    zero = torch.zeros_like(rewards[:, 0])
+    adv = torch.zeros_like(rewards)
+    next_v, next_a = zero, zero
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        v_t = values[:, t]
+        a_t = rewards[:, t] + gamma * next_v - v_t + gamma * lam * next_a
+        m_t = valid[:, t]
+        adv[:, t] = torch.where(m_t, a_t, zero)
+        next_v = torch.where(m_t, v_t, next_v)
+        next_a = torch.where(m_t, a_t, next_a)
+    returns = torch.where(valid, adv + values, torch.zeros_like(adv))
+    return adv, returns
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO family)
+# ----------------------------------------------------------------------------------------------------------------
+# Each entry maps grouped rewards (num_groups, G) to advantages of the same shape.
+
+
+def _zscore(r: Tensor, beta: float, eps: float, scale: str) -> Tensor:
+    centred = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True) if scale == "group" else r.std()
+    return centred / (std + eps)
+
+
+def _mean(r: Tensor, beta: float, eps: float, scale: str) -> Tensor:
+    return r - r.mean(dim=1, keepdim=True)
+
+
+def _softmax(r: Tensor, beta: float, eps: float, scale: str) -> Tensor:
+    # torch.softmax subtracts the row max before exponentiating, so large β·R cannot overflow.
+    return torch.softmax(beta * r, dim=1) - 1.0 / r.shape[1]
+
+
+def _leave_one_out(r: Tensor, beta: float, eps: float, scale: str) -> Tensor:
+    g = r.shape[1]
+    return r - (r.sum(dim=1, keepdim=True) - r) / (g - 1)
+
+
+GROUP_ADVANTAGES: dict[str, Callable[[Tensor, float, float, str], Tensor]] = {
+    "zscore": _zscore,
+    "mean": _mean,
+    "softmax": _softmax,
+    "leave_one_out": _leave_one_out,
+}
+
+_SCALES = ("group", "batch")
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    return rewards.view(-1, group_size)
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    kind: str = "zscore",
+    beta: float = 1.0,
+    eps: float = 1e-4,
+    scale: str = "group",
+) -> Tensor:
+    """Advantage of each completion relative to the other completions of its prompt.
+
+    ``rewards`` (N,) holds ``N / G`` contiguous groups of ``G = group_size`` completions (rows
+    ``[g·G, (g+1)·G)`` share a prompt); returns (N,) advantages, one per completion (broadcast over its tokens by
+    the loss). Kinds, with ``R`` a group's rewards:
+
+    - ``"zscore"``: ``(R_i − mean R) / (std R + eps)`` (GRPO, Shao et al. 2024, §4.1.2). ``std`` is the
+      *unbiased* (Bessel, ``/(G−1)``) standard deviation, as ``torch.std`` and TRL use. ``scale="batch"``
+      divides by the unbiased std of all N rewards instead of each group's (the batch-level scaling of
+      Hu et al. 2025, REINFORCE++), which does not blow up small reward differences in near-constant groups.
+    - ``"mean"``: ``R_i − mean R`` (Dr. GRPO, Liu et al. 2025: no std division).
+    - ``"softmax"``: ``exp(β R_i) / Σ_j exp(β R_j) − 1/G`` (numerically stable; sums to 0 in each group).
+    - ``"leave_one_out"``: ``R_i − 1/(G−1) Σ_{j≠i} R_j`` (RLOO, Ahmadian et al. 2024).
+
+    ``beta`` is used by ``"softmax"`` only, ``eps`` by ``"zscore"`` only, and ``scale`` applies to ``"zscore"``
+    only. A group whose rewards are all equal gets exactly 0 advantage with every kind (it carries no signal).
+    """
+    try:
+        fn = GROUP_ADVANTAGES[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown group advantage kind {kind!r}; valid kinds: {', '.join(GROUP_ADVANTAGES)}"
+        ) from None
+    if scale not in _SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(_SCALES)}")
+    if scale != "group" and kind != "zscore":
+        raise ValueError(f"scale={scale!r} applies only to kind='zscore', not {kind!r}")
+    r = _grouped(rewards, group_size)
+    adv = fn(r, beta, eps, scale)
+    # Floating-point means of equal numbers need not equal them exactly; constant groups are forced to 0.
+    constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))
+    adv = torch.where(constant, torch.zeros_like(adv), adv)
+    return adv.reshape(-1)
+
+
+def zero_std_group_fraction(rewards: Tensor, group_size: int) -> Tensor:
+    """Fraction of groups whose rewards are all equal (zero std, hence zero advantage and no gradient).
+
+    ``rewards`` (N,) in contiguous groups of ``group_size``; returns a 0-dim float tensor in [0, 1].
+    """
+    r = _grouped(rewards, group_size)
+    return (r.amax(dim=1) == r.amin(dim=1)).float().mean()

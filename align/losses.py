@@ -1,0 +1,387 @@
+"""Pure tensor math shared by every training stage.
+
+Nothing here knows about configs, models, tokenizers or files: each function takes tensors (and plain numbers)
+and returns tensors. Shapes use these letters:
+
+    B  batch (sequences)        T  time (tokens)        V  vocabulary
+
+Masks are ``(B, T)`` tensors of 0/1 (bool or any numeric dtype); a non-zero entry marks a valid token. Every
+masked reduction here *selects* valid entries (``torch.where``) instead of multiplying by the mask, so whatever
+sits in masked positions (padding logits, 1e9, inf) never reaches a result or a gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "aggregate",
+    "bradley_terry_loss",
+    "clipped_surrogate_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "kl_estimate",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "token_logprobs",
+    "value_loss",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked reductions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _valid(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _select(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where the mask is set, exactly 0 elsewhere (no ``0 * inf = nan`` as with ``x * mask``)."""
+    return torch.where(_valid(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _count(x: Tensor, mask: Tensor, dim: int | None) -> Tensor:
+    """Number of valid entries of ``x`` (mask broadcast to ``x``), as ``x``'s dtype."""
+    ones = _valid(mask).expand_as(x).to(x.dtype)
+    return ones.sum() if dim is None else ones.sum(dim)
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of the valid entries of ``x``.
+
+    Shapes: ``x`` (B, T), ``mask`` broadcastable to ``x``; returns a scalar (``dim=None``) or ``x`` reduced over
+    ``dim``.  Equation: ``Σ_i m_i x_i``.
+    """
+    selected = _select(x, mask)
+    return selected.sum() if dim is None else selected.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of the valid entries of ``x``: ``Σ_i m_i x_i / Σ_i m_i``.
+
+    Shapes as :func:`masked_sum`. A reduction with no valid entry returns 0 (not NaN), so an empty row or an
+    all-padding micro-batch contributes nothing instead of poisoning the loss.
+    """
+    return masked_sum(x, mask, dim) / _count(x, mask, dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, dim: int | None = None, unbiased: bool = True) -> Tensor:
+    """Variance of the valid entries of ``x``.
+
+    ``Σ_i m_i (x_i − μ)² / (n − 1)`` with ``μ`` the masked mean and ``n = Σ_i m_i`` (``/ n`` when
+    ``unbiased=False``). Shapes as :func:`masked_sum`. With fewer than two valid entries the unbiased
+    denominator is clamped to 1, so one entry gives variance 0 and none gives 0.
+    """
+    mean = masked_mean(x, mask, dim)
+    centred = x - (mean if dim is None else mean.unsqueeze(dim))
+    sq = masked_sum(centred * centred, mask, dim)
+    n = _count(x, mask, dim)
+    return sq / ((n - 1) if unbiased else n).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten ``x`` with statistics of its valid entries only: ``(x − μ) / sqrt(σ² + eps)``.
+
+    ``μ`` and ``σ²`` (unbiased) are taken over all valid entries of the whole tensor. With
+    ``shift_mean=False`` the mean is added back (``(x − μ)/σ + μ``): only the scale changes, as PPO
+    implementations do for advantages that should keep their sign balance. Shape of ``x`` is kept; masked
+    positions of the result are 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _select(out, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss aggregation: one function, named modes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _outer_mean(per_seq: Tensor, seq_valid: Tensor, num_items: float | Tensor | None) -> Tensor:
+    """Mean over sequences that have at least one valid token (or sum / ``num_items``)."""
+    total = masked_sum(per_seq, seq_valid)
+    denom = _count(per_seq, seq_valid, None).clamp(min=1) if num_items is None else num_items
+    return total / denom
+
+
+def _token_mean(loss: Tensor, mask: Tensor, max_len: int | None, num_items) -> Tensor:
+    denom = _count(loss, mask, None).clamp(min=1) if num_items is None else num_items
+    return masked_sum(loss, mask) / denom
+
+
+def _seq_mean_token_mean(loss: Tensor, mask: Tensor, max_len: int | None, num_items) -> Tensor:
+    return _outer_mean(masked_mean(loss, mask, dim=-1), _valid(mask).any(-1), num_items)
+
+
+def _seq_mean_token_sum(loss: Tensor, mask: Tensor, max_len: int | None, num_items) -> Tensor:
+    return _outer_mean(masked_sum(loss, mask, dim=-1), _valid(mask).any(-1), num_items)
+
+
+def _seq_mean_token_sum_norm(loss: Tensor, mask: Tensor, max_len: int | None, num_items) -> Tensor:
+    norm = mask.shape[-1] if max_len is None else max_len
+    return _outer_mean(masked_sum(loss, mask, dim=-1) / norm, _valid(mask).any(-1), num_items)
+
+
+AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
+    "token-mean": _token_mean,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    "seq-mean-token-sum": _seq_mean_token_sum,
+    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
+}
+
+
+def aggregate(
+    loss: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    max_len: int | None = None,
+    num_items: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce a per-token loss ``(B, T)`` with mask ``(B, T)`` to a scalar.
+
+    Modes (``L`` the loss, ``m`` the mask, ``S`` the sequences with at least one valid token):
+
+    - ``"token-mean"``: ``Σ_{b,t} m L / Σ_{b,t} m`` — every token weighs the same (DAPO).
+    - ``"seq-mean-token-mean"``: ``1/|S| Σ_b (Σ_t m L / Σ_t m)`` — every sequence weighs the same (GRPO paper).
+    - ``"seq-mean-token-sum"``: ``1/|S| Σ_b Σ_t m L``.
+    - ``"seq-mean-token-sum-norm"``: ``1/|S| Σ_b Σ_t m L / max_len`` with a constant ``max_len`` (default
+      ``T = mask.shape[1]``), free of length bias (Dr. GRPO, Liu et al. 2025, eq. 3).
+
+    ``max_len`` is used only by ``"seq-mean-token-sum-norm"``.
+
+    ``num_items`` replaces the outer denominator (the token count ``Σ m`` for ``"token-mean"``, ``|S|`` for the
+    ``seq-mean-*`` modes) to make gradient accumulation exact. With a batch split into micro-batches, pass the
+    count over the *whole* batch (all micro-batches, and all ranks when gradients are averaged across ranks
+    that count is multiplied accordingly) and **sum** the micro-batch losses instead of averaging them: the sum
+    then equals the loss of the whole batch. Without it, the mean of micro-batch token-means weighs a token of a
+    short micro-batch more than one of a long micro-batch.
+    """
+    try:
+        fn = AGGREGATIONS[mode]
+    except KeyError:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}") from None
+    return fn(loss, mask, max_len, num_items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy from logits
+# ----------------------------------------------------------------------------------------------------------------
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    ``log π(y_t) = z_{t,y_t} − logsumexp_v z_{t,v}`` with ``z = logits / temperature``.
+
+    Shapes: ``logits`` (B, T, V), ``labels`` (B, T) → (B, T). The caller aligns them (for a causal LM,
+    ``logits[:, :-1]`` with ``input_ids[:, 1:]``). Labels < 0 (``-100``, ignored) give 0.
+
+    Memory: for float32/float64 logits this is a gather minus a logsumexp, never a (B, T, V) log-softmax
+    result. Half-precision logits are upcast to float32 one sequence at a time (a full-size float32 copy of a
+    bf16 vocabulary projection is the largest tensor in an RL step) and the result is float32.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    ignored = labels < 0
+    safe = labels.clamp(min=0).unsqueeze(-1)
+
+    def rows(z: Tensor, y: Tensor) -> Tensor:
+        if temperature != 1.0:
+            z = z / temperature
+        return z.gather(-1, y).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    if logits.dtype in _FULL_PRECISION:
+        out = rows(logits, safe)
+    else:
+        out = torch.stack([rows(logits[i].float(), safe[i]) for i in range(logits.shape[0])])
+    return out.masked_fill(ignored, 0.0)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` at each position: ``H = −Σ_v p_v log p_v``.
+
+    Shapes: (B, T, V) → (B, T). Tokens with ``-inf`` logits (masked vocabulary) count as ``0·log 0 = 0``.
+    Half-precision logits are upcast one sequence at a time; the result is then float32.
+    """
+
+    def rows(z: Tensor) -> Tensor:
+        return torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)
+
+    if logits.dtype in _FULL_PRECISION:
+        return rows(logits)
+    return torch.stack([rows(logits[i].float()) for i in range(logits.shape[0])])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL estimators
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return logp - ref_logp
+
+
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    log_r = ref_logp - logp
+    # exp(x) − x − 1 computed as expm1(x) − x: exact near x = 0 where exp(x) − 1 cancels.
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token estimate of ``KL(π ‖ π_ref)`` from tokens sampled from ``π``.
+
+    With ``log r = log π_ref(x) − log π(x)`` (Schulman, "Approximating KL divergence", 2020):
+
+    - ``"k1"``: ``−log r = log π − log π_ref`` — unbiased, high variance, can be negative.
+    - ``"k2"``: ``½ (log r)²`` — biased (exact to second order for nearby policies), low variance, ≥ 0.
+    - ``"k3"``: ``r − 1 − log r`` — unbiased and ≥ 0 (GRPO's KL term). Large ``|log r|`` makes ``r`` explode;
+      callers may clamp.
+
+    Shapes: any, elementwise (typically (B, T) → (B, T)); the caller masks and aggregates with :func:`aggregate`.
+    """
+    try:
+        fn = KL_ESTIMATORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown KL estimator {kind!r}; valid kinds: {', '.join(KL_ESTIMATORS)}") from None
+    return fn(logp, ref_logp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward model loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float | None = None) -> Tensor:
+    """Bradley–Terry pairwise loss per pair: ``−log σ(r_c − r_r − margin)``.
+
+    (Ouyang et al. 2022 eq. 1; the margin as in Llama 2, Touvron et al. 2023 eq. 2.) Shapes: ``r_chosen``,
+    ``r_rejected`` and ``margin`` (N,) (or broadcastable) → (N,); the caller aggregates. Computed with
+    ``logsigmoid``, finite for any finite reward gap.
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policy and value losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def clipped_surrogate_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    agg: str = "token-mean",
+    max_len: int | None = None,
+    num_items: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7), negated for minimisation.
+
+    ``L_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_t)``, ``ρ_t = exp(log π_θ − log π_old)``,
+    ``ε_low = epsilon``, ``ε_high = epsilon_high`` (default ``epsilon``; a larger one is DAPO's clip-higher),
+    aggregated with :func:`aggregate` (``agg``, ``max_len``, ``num_items``).
+
+    Shapes: ``logp``, ``old_logp``, ``mask`` (B, T); ``advantages`` (B, T) per token or (B,) per sequence
+    (broadcast over T). Returns ``(loss, stats)``: ``loss`` a scalar; ``stats`` detached 0-dim tensors over
+    valid tokens:
+
+    - ``clip_frac``: fraction of tokens whose clipped term is the active (strictly larger) one, i.e. tokens
+      whose gradient is zero because of clipping.
+    - ``approx_kl``: mean of the k3 estimator ``(ρ − 1) − log ρ``, an unbiased, non-negative estimate of
+      ``KL(π_old ‖ π_θ)`` from tokens sampled by ``π_old``.
+    - ``ratio_mean``: mean of ``ρ``.
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    # Zero the log-ratio on masked positions before exp: garbage there can neither overflow nor produce NaN
+    # gradients through the unselected branch of a later torch.where.
+    log_ratio = _select(logp - old_logp, mask)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate(per_token, mask, agg, max_len=max_len, num_items=num_items)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float | None = None,
+    agg: str = "token-mean",
+    max_len: int | None = None,
+    num_items: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Value-function loss, optionally clipped around the rollout values (PPO as in OpenAI baselines).
+
+    Unclipped: ``½ (V − R)²``. With ``clip_range = c``:
+    ``½ max((V − R)², (clip(V, V_old − c, V_old + c) − R)²)``. Aggregated with :func:`aggregate`.
+
+    Shapes: ``values``, ``old_values``, ``returns``, ``mask`` (B, T). Returns ``(loss, stats)`` with
+    ``stats["vf_clip_frac"]`` (detached): fraction of valid tokens where the clipped term is strictly larger,
+    i.e. whose gradient is cut by clipping (0 without ``clip_range``).
+    """
+    err = _select(values - returns, mask)
+    sq = err * err
+    if clip_range is None:
+        per_token = 0.5 * sq
+        clip_frac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+        err_clipped = _select(v_clipped - returns, mask)
+        sq_clipped = err_clipped * err_clipped
+        per_token = 0.5 * torch.maximum(sq, sq_clipped)
+        with torch.no_grad():
+            clip_frac = masked_mean((sq_clipped > sq).to(values.dtype), mask)
+    loss = aggregate(per_token, mask, agg, max_len=max_len, num_items=num_items)
+    return loss, {"vf_clip_frac": clip_frac.detach()}
+
+
+@torch.no_grad()
+def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Explained variance of ``pred`` for ``target`` over valid entries: ``1 − Var[R − V] / Var[R]``.
+
+    1 is a perfect value function, 0 no better than a constant, < 0 worse. Shapes: (B, T) each; returns a
+    detached 0-dim tensor, NaN when ``target`` has zero variance (undefined).
+    """
+    var_target = masked_var(target, mask, unbiased=False)
+    var_resid = masked_var(target - pred, mask, unbiased=False)
+    nan = torch.full_like(var_target, float("nan"))
+    return torch.where(var_target > 0, 1.0 - var_resid / var_target, nan)
