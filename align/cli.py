@@ -1,0 +1,64 @@
+"""Command line: `align <stage> --config recipe.yaml [--field value ...]`.
+
+Each stage is one row of `STAGES`: its config dataclass and the function that runs it. `align <stage> --help`
+lists every field of the dataclass with its help text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any
+
+from .config import AlignError, load_config
+
+# stage name -> (config class "module:Class", runner "module:function", one-line description)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "sft": ("align.config:SFTConfig", "align.trainers.sft:train_sft", "supervised fine-tuning"),
+    "eval": ("align.evaluate:EvalConfig", "align.evaluate:run_eval",
+             "generate for a prompt file and score with reward functions"),
+    "tiny-model": ("align.tiny:TinyModelConfig", "align.tiny:run_tiny_model",
+                   "build the built-in tiny model and tokenizer offline and save them"),
+}
+
+
+def _load(ref: str) -> Any:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = ["usage: align <stage> --config FILE [--field value ...]", "", "stages:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, _, desc) in STAGES.items()]
+    lines += ["", "`align <stage> --help` lists the stage's fields."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"error: unknown stage '{stage}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    cfg_ref, fn_ref, _ = STAGES[stage]
+    try:
+        cfg = load_config(_load(cfg_ref), rest, prog=f"align {stage}")
+        result = _load(fn_ref)(cfg)
+    except AlignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if not str(k).startswith("_")}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Configuration: one flat dataclass per stage, a help text per field.
+
+YAML files and command-line overrides are merged here and nowhere else: `load_config(cls, argv)` reads
+`--config FILE`, applies every `--field value` on top, checks types and names, and returns a frozen view of
+the run's settings. Every field can be set in YAML or on the command line, and `align <stage> --help`
+lists them with their help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class AlignError(Exception):
+    """A user-facing error: printed as one line by the CLI, which then exits non-zero."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class BaseConfig:
+    """Fields shared by every training stage (names follow Hugging Face `TrainingArguments`)."""
+
+    model: str = _f("", "Hub id or local path of the model to start from (a causal LM).")
+    train_data: str = _f("", "Training data: a local .jsonl/.json/.parquet/.csv file or a hub dataset id.")
+    eval_data: str = _f("", "Optional evaluation data, same formats as train_data.")
+    train_split: str = _f("train", "Split to read when train_data is a hub dataset id.")
+    eval_split: str = _f("test", "Split to read when eval_data is a hub dataset id.")
+    output_dir: str = _f("", "Where the final model, metrics.jsonl and checkpoints/ are written.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (other than resuming).")
+    seed: int = _f(0, "Random seed for data order, initialisation of new heads and sampling.")
+    max_steps: int = _f(-1, "Number of optimizer steps; -1 derives it from num_train_epochs.")
+    num_train_epochs: float = _f(1.0, "Passes over train_data when max_steps is -1.")
+    per_device_train_batch_size: int = _f(8, "Examples per process per micro-batch.")
+    per_device_eval_batch_size: int = _f(32, "Examples per process per evaluation batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated into one optimizer step.")
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup: constant, linear or cosine.",
+                                choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "Linear warmup steps (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = _f(0.0, "Fraction of max_steps used for linear warmup.")
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps (and at the last step).")
+    eval_steps: int = _f(0, "Evaluate every N steps (0: only at the end, if eval_data is set).")
+    save_steps: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final model).")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest removed first); 0 keeps all.")
+    resume_from_checkpoint: str = _f("", "Checkpoint directory to resume from, or 'latest' for the newest one "
+                                         "in output_dir/checkpoints.")
+    max_length: int = _f(512, "Maximum tokens of one training sequence; longer examples are an error.")
+    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 autocast on GPUs that support it), "
+                            "float32, bfloat16 or float16.",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (off: safer).")
+    use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: list = _f(["all-linear"], "Modules that get LoRA adapters; 'all-linear' means every "
+                                                    "linear layer except the output head.")
+    report_to: str = _f("none", "Extra metrics sink besides metrics.jsonl: none or tensorboard.",
+                        choices=("none", "tensorboard"))
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    """Supervised fine-tuning on demonstrations."""
+
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
+    completion_only_loss: bool = _f(True, "Loss on completion / assistant tokens only (prompt tokens masked).")
+    packing: bool = _f(True, "Pack sequences into rows of max_length tokens so padding costs no compute "
+                             "(attention stays within each sequence).")
+    text_field: str = _f("text", "Column holding plain text for language-modelling data.")
+    add_eos: bool = _f(True, "Append the tokenizer's EOS token after each completion / text.")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type name, default, help) for every field of a config dataclass, in declaration order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((f.name, _type_name(f), default, f.metadata.get("help", "")))
+    return out
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    t = f.type if not isinstance(f.type, str) else f.type
+    return str(t).replace("typing.", "")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise a one-line AlignError."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+        if typ is list:
+            if isinstance(value, list):
+                return list(value)
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [value]
+        if typ is dict:
+            if isinstance(value, dict):
+                return dict(value)
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(parsed, dict):
+                raise ValueError
+            return parsed
+    except (TypeError, ValueError):
+        pass
+    tname = getattr(typ, "__name__", str(typ))
+    raise AlignError(f"{where}: field '{name}': expected {tname}, got {value!r}")
+
+
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Create `cls` from a mapping, rejecting unknown fields and values of the wrong type or choice."""
+    types = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in types:
+            near = [n for n in types if n.split("_")[0] == str(name).split("_")[0]][:3]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise AlignError(f"{where}: unknown config field '{name}' for {cls.__name__}{hint}")
+        v = _coerce(value, types[name], where, name)
+        choices = fields[name].metadata.get("choices")
+        if choices and v not in choices:
+            raise AlignError(f"{where}: field '{name}': {v!r} is not one of {', '.join(map(str, choices))}")
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise AlignError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise AlignError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise AlignError(f"{path}: a config file must be a mapping of field: value")
+    return data
+
+
+def make_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with `--config` and one `--name` option per dataclass field (help from metadata)."""
+    p = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file with field: value lines; command-line options "
+                                                  "override it.")
+    for name, tname, default, help_text in field_help(cls):
+        shown = ",".join(default) if isinstance(default, list) else default
+        p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=tname.upper(),
+                       help=f"{help_text} (default: {shown!r})")
+    return p
+
+
+def load_config(cls: type, argv: list[str], prog: str) -> Any:
+    """Parse `--config FILE --field value ...` into `cls`; command-line values override the YAML file."""
+    parser = make_parser(cls, prog)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise AlignError(f"command line: unknown option '{unknown[0]}' for {prog} (see {prog} --help)")
+    values: dict[str, Any] = {}
+    where = "command line"
+    if args.config:
+        values.update(read_yaml(args.config))
+        # fail on the file's own unknown fields with the file named
+        build_config(cls, values, args.config)
+        where = f"{args.config} + command line"
+    cli_values = {k: v for k, v in vars(args).items() if k != "config"}
+    build_config(cls, cli_values, "command line")
+    values.update(cli_values)
+    return build_config(cls, values, where)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

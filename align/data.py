@@ -1,0 +1,390 @@
+"""Data: loading, validation, tokenization and collation.
+
+Formats (column names as TRL uses them):
+  * ``text``                         language modelling on the whole text;
+  * ``prompt`` + ``completion``      strings, or chat message lists ("conversational" prompt/completion);
+  * ``messages``                     a chat, rendered with the tokenizer's chat template, loss on assistant turns;
+  * ``prompt`` + ``chosen`` + ``rejected`` and ``prompt`` + ``responses``  comparisons (reward-model stage);
+  * ``prompt`` (+ any other columns) prompts for the RL stages; the other columns reach reward functions.
+
+Every problem with the input is reported before training starts, as one line naming the file, the row (1-based
+line for JSONL files, 1-based row otherwise) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .config import AlignError
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class Rows:
+    """Rows of a data source plus what is needed to point at one of them in an error message."""
+
+    rows: list[dict[str, Any]]
+    source: str  # file path or hub id
+    row_numbers: list[int]  # 1-based line (JSONL) or row number of each entry
+
+    def where(self, i: int, field: str | None = None) -> str:
+        unit = "line" if self.source.endswith(".jsonl") else "row"
+        f = f", field '{field}'" if field else ""
+        return f"{self.source}: {unit} {self.row_numbers[i]}{f}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_rows(source: str, split: str = "train") -> Rows:
+    """Read a local jsonl/json/parquet/csv file, or a dataset from the hub, into a list of dicts."""
+    if not source:
+        raise AlignError("no data given (set train_data / --data)")
+    if source.endswith(LOCAL_SUFFIXES) or os.path.exists(source):
+        if not os.path.isfile(source):
+            raise AlignError(f"{source}: data file not found")
+        if source.endswith(".jsonl"):
+            return _read_jsonl(source)
+        if source.endswith(".json"):
+            return _read_json(source)
+        fmt = "parquet" if source.endswith(".parquet") else "csv" if source.endswith(".csv") else None
+        if fmt is None:
+            raise AlignError(f"{source}: unknown data format (use .jsonl, .json, .parquet or .csv)")
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(fmt, data_files=source, split="train")
+        except Exception as e:  # datasets raises many types for a broken file
+            raise AlignError(f"{source}: cannot read {fmt} file: {str(e).splitlines()[0]}") from None
+        rows = ds.to_list()
+        return Rows(rows, source, list(range(1, len(rows) + 1)))
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise AlignError(f"{source}: not a local file and could not be loaded from the hub "
+                         f"(split '{split}'): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    rows = ds.to_list()
+    return Rows(rows, source, list(range(1, len(rows) + 1)))
+
+
+def _read_jsonl(path: str) -> Rows:
+    rows, numbers = [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise AlignError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise AlignError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(obj)
+            numbers.append(lineno)
+    if not rows:
+        raise AlignError(f"{path}: no rows")
+    return Rows(rows, path, numbers)
+
+
+def _read_json(path: str) -> Rows:
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        # many ".json" files are really JSON lines
+        return _read_jsonl_text(path, text)
+    if isinstance(data, dict):
+        for key in ("data", "rows", "train"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise AlignError(f"{path}: expected a JSON list of objects")
+    if not data:
+        raise AlignError(f"{path}: no rows")
+    return Rows(data, path, list(range(1, len(data) + 1)))
+
+
+def _read_jsonl_text(path: str, text: str) -> Rows:
+    rows, numbers = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AlignError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise AlignError(f"{path}: line {lineno}: expected a JSON object")
+        rows.append(obj)
+        numbers.append(lineno)
+    return Rows(rows, path, numbers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def is_chat(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def require_text(data: Rows, i: int, field: str, allow_chat: bool = False) -> Any:
+    """The row's non-empty string (or, if allowed, chat message list) in `field`, else a one-line error."""
+    row = data.rows[i]
+    if field not in row:
+        raise AlignError(f"{data.where(i, field)}: missing column")
+    value = row[field]
+    if allow_chat and is_chat(value):
+        if not value:
+            raise AlignError(f"{data.where(i, field)}: empty message list")
+        for m in value:
+            if not isinstance(m["content"], str) or not m["content"].strip():
+                raise AlignError(f"{data.where(i, field)}: a message has empty content")
+        return value
+    if not isinstance(value, str):
+        kind = "string or chat message list" if allow_chat else "string"
+        raise AlignError(f"{data.where(i, field)}: expected a {kind}, got {type(value).__name__}")
+    if not value.strip():
+        raise AlignError(f"{data.where(i, field)}: empty value")
+    return value
+
+
+def detect_format(data: Rows, candidates: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The first column set in `candidates` that the first row has; an error listing them otherwise."""
+    first = data.rows[0]
+    for cols in candidates:
+        if all(c in first for c in cols):
+            return cols
+    wanted = " or ".join("+".join(c) for c in candidates)
+    raise AlignError(f"{data.where(0)}: no known columns (need {wanted}; found {', '.join(first) or 'none'})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenization
+
+
+def encode_prompt(tokenizer, prompt: Any) -> list[int]:
+    """Token ids of a prompt: a plain string (with the tokenizer's special tokens) or a chat message list
+    rendered with the chat template and the generation prompt."""
+    if is_chat(prompt):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_completion(tokenizer, completion: Any, prompt: Any = None, add_eos: bool = True) -> list[int]:
+    """Token ids of a completion that follows an already-encoded prompt (no BOS; EOS appended)."""
+    if is_chat(completion):
+        assert is_chat(prompt), "a chat completion needs a chat prompt"
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        if not full.startswith(head):
+            raise AlignError("the chat template does not render the prompt as a prefix of prompt+completion")
+        return tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a whole chat; labels keep assistant-turn tokens only.
+
+    Each assistant turn's span is found by rendering the conversation up to it with the generation prompt and
+    up to its end; tokens whose characters fall inside those spans are trained on."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=False) if k else ""
+        upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not text.startswith(upto) or not upto.startswith(head):
+            raise AlignError("the chat template does not render conversations prefix by prefix")
+        spans.append((len(head), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (s, e) in enumerate(enc["offset_mapping"]):
+        if any(a <= s and e <= b and e > s for a, b in spans):
+            labels[j] = ids[j]
+    return ids, labels
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+
+def tokenize_sft(data: Rows, tokenizer, max_length: int, completion_only: bool = True, text_field: str = "text",
+                 add_eos: bool = True) -> list[SFTExample]:
+    """Validate and tokenize SFT rows in any supported format."""
+    fmt = detect_format(data, [("messages",), ("prompt", "completion"), (text_field,)])
+    out = []
+    for i in range(len(data)):
+        if fmt == ("messages",):
+            msgs = require_text(data, i, "messages", allow_chat=True)
+            if not is_chat(msgs):
+                raise AlignError(f"{data.where(i, 'messages')}: expected a list of {{role, content}} messages")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise AlignError(f"{data.where(i, 'messages')}: no assistant message to learn from")
+            ids, labels = encode_chat(tokenizer, msgs)
+            if not completion_only:
+                labels = list(ids)
+            field = "messages"
+        elif fmt == ("prompt", "completion"):
+            prompt = require_text(data, i, "prompt", allow_chat=True)
+            completion = require_text(data, i, "completion", allow_chat=True)
+            p = encode_prompt(tokenizer, prompt)
+            if len(p) >= max_length:
+                raise AlignError(f"{data.where(i, 'prompt')}: prompt is {len(p)} tokens, max_length is {max_length}")
+            c = encode_completion(tokenizer, completion, prompt, add_eos=add_eos)
+            ids = p + c
+            labels = ([IGNORE_INDEX] * len(p) if completion_only else list(p)) + c
+            field = "completion"
+        else:
+            text = require_text(data, i, text_field)
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            if add_eos and tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            labels = list(ids)
+            field = text_field
+        if len(ids) > max_length:
+            raise AlignError(f"{data.where(i, field)}: example is {len(ids)} tokens, max_length is {max_length}")
+        if sum(1 for x in labels[1:] if x != IGNORE_INDEX) == 0:
+            raise AlignError(f"{data.where(i, field)}: no tokens to train on")
+        out.append(SFTExample(ids, labels))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# collation
+
+
+def pack_examples(examples: Sequence[SFTExample], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack sequences into as few rows of at most `max_length` tokens as first-fit-decreasing finds.
+
+    Returns input_ids, labels (already shifted: labels[t] is the target of position t, IGNORE elsewhere) and
+    position_ids (restarting at 0 for every sequence), all (rows, L). No attention mask is returned: models in
+    transformers then build a block-diagonal causal mask from the position ids, so sequences never attend to
+    each other. Row padding sits at the end of rows, after every real token, with its own positions."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - n)
+    width = max(max_length - free for free in room)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    tgt = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            ex = examples[i]
+            n = len(ex.input_ids)
+            ids[r, at:at + n] = torch.tensor(ex.input_ids)
+            tgt[r, at:at + n - 1] = torch.tensor(ex.labels[1:])
+            pos[r, at:at + n] = torch.arange(n)
+            at += n
+        if at < width:
+            pos[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": tgt, "position_ids": pos}
+
+
+def pad_examples(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids, shifted labels, attention_mask and position_ids."""
+    width = max(len(ex.input_ids) for ex in examples)
+    b = len(examples)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    tgt = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    att = torch.zeros((b, width), dtype=torch.long)
+    for r, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[r, :n] = torch.tensor(ex.input_ids)
+        tgt[r, : n - 1] = torch.tensor(ex.labels[1:])
+        att[r, :n] = 1
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "labels": tgt, "attention_mask": att, "position_ids": pos}
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists for generation: (ids, attention_mask), both (B, max_len)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            ids[r, width - len(s):] = torch.tensor(list(s))
+            att[r, width - len(s):] = 1
+    return ids, att
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data order
+
+
+def global_batch_indices(step: int, num_examples: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of the examples used by optimizer step `step` (0-based).
+
+    The data stream is the concatenation of one seeded permutation per epoch; step s takes its items
+    [s*G, (s+1)*G). The position in the data is therefore a function of the step alone, which makes resuming
+    exact and makes the split across processes and accumulation micro-batches irrelevant to the math."""
+    out = []
+    start = step * global_batch
+    for k in range(start, start + global_batch):
+        epoch, j = divmod(k, num_examples)
+        out.append(_epoch_permutation(num_examples, seed, epoch)[j])
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 8:
+            _PERM_CACHE.clear()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _PERM_CACHE[key] = torch.randperm(n, generator=g).tolist()
+    return _PERM_CACHE[key]
+
+
+def split_micro_batches(indices: list[int], num_processes: int, process_index: int,
+                        accumulation: int) -> list[list[int]]:
+    """This process's micro-batches of a global batch: the batch is cut into num_processes*accumulation
+    contiguous chunks and chunk c goes to process c % num_processes."""
+    chunks = num_processes * accumulation
+    size, rem = divmod(len(indices), chunks)
+    if size == 0:
+        raise AlignError(f"global batch of {len(indices)} is smaller than processes x accumulation ({chunks})")
+    bounds = [0]
+    for c in range(chunks):
+        bounds.append(bounds[-1] + size + (1 if c < rem else 0))
+    mine = [indices[bounds[c]:bounds[c + 1]] for c in range(chunks) if c % num_processes == process_index]
+    return mine
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,146 @@
+"""Gold evaluation: generate a completion for every prompt of a data file and score it with reward sources.
+
+    align eval --model DIR --data FILE --reward_funcs exact_match [--output FILE.json]
+
+Greedy by default. On the built-in task `reward_mean` of `exact_match` is the gold accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .config import AlignError, _f
+from .data import Rows, batched, encode_prompt, left_pad, read_rows, require_text
+from .rewards import call_reward, combine, load_function
+
+
+@dataclass
+class EvalConfig:
+    """Generate completions for the prompts of `data` and score them."""
+
+    model: str = _f("", "Model directory or hub id (a policy saved by any stage).")
+    data: str = _f("", "Prompt data (jsonl/json/parquet/csv or hub id) with a 'prompt' column and the columns "
+                       "the reward functions need (e.g. 'answer').")
+    split: str = _f("test", "Split to read when data is a hub dataset id.")
+    reward_funcs: list = _f(["exact_match"], "Reward sources: built-in names, file.py:function or "
+                                             "module:function.")
+    reward_weights: list = _f([], "Weights of reward_funcs (default: 1 each).")
+    output: str = _f("", "Optional JSON file for the results (written atomically).")
+    max_new_tokens: int = _f(16, "Maximum generated tokens per prompt.")
+    do_sample: bool = _f(False, "Sample instead of greedy decoding.")
+    temperature: float = _f(1.0, "Sampling temperature (with do_sample).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (with do_sample).")
+    top_k: int = _f(0, "Top-k sampling (0: off; with do_sample).")
+    batch_size: int = _f(64, "Prompts per generation batch.")
+    max_samples: int = _f(0, "Evaluate only the first N prompts (0: all).")
+    seed: int = _f(0, "Seed for sampling.")
+    dtype: str = _f("auto", "auto, float32, bfloat16 or float16.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub to run.")
+    save_completions: bool = _f(False, "Include every prompt, completion and reward in the output JSON.")
+
+
+def prompt_columns(data: Rows, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Validated prompts and the other columns (for reward functions) of the first n rows."""
+    prompts = [require_text(data, i, "prompt", allow_chat=True) for i in range(n)]
+    cols: dict[str, list[Any]] = {}
+    keys = [k for k in data.rows[0] if k != "prompt"]
+    for k in keys:
+        cols[k] = []
+        for i in range(n):
+            if k not in data.rows[i]:
+                raise AlignError(f"{data.where(i, k)}: missing column")
+            cols[k].append(data.rows[i][k])
+    return prompts, cols
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int, batch_size: int,
+                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                         top_k: int = 0) -> list[str]:
+    """Decoded completions (special tokens removed, cut at EOS) for each prompt, batched and left-padded."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    for chunk in batched(encoded, batch_size):
+        ids, att = left_pad(chunk, tokenizer.pad_token_id)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs)
+        for row in gen[:, ids.shape[1]:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
+def score(prompts: Sequence[Any], completions: Sequence[str], columns: dict[str, Sequence[Any]],
+          reward_funcs: Sequence[str], reward_weights: Sequence[float] | None = None
+          ) -> tuple[list[float], dict[str, list[float]]]:
+    """(combined rewards, per-source rewards) for the completions."""
+    comps = {name: call_reward(name, load_function(name), prompts, completions, columns) for name in reward_funcs}
+    return combine(comps, [float(w) for w in reward_weights] if reward_weights else None), comps
+
+
+def evaluate_model(model, tokenizer, data: Rows, reward_funcs: Sequence[str], max_new_tokens: int = 16,
+                   batch_size: int = 64, max_samples: int = 0, reward_weights: Sequence[float] | None = None,
+                   **gen_kwargs: Any) -> dict[str, Any]:
+    """Generate and score; returns reward_mean, one `reward_<name>` mean per source, and the raw lists."""
+    n = len(data) if not max_samples else min(max_samples, len(data))
+    prompts, cols = prompt_columns(data, n)
+    t0 = time.perf_counter()
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, **gen_kwargs)
+    rewards, comps = score(prompts, completions, cols, reward_funcs, reward_weights)
+    result: dict[str, Any] = {"reward_mean": sum(rewards) / n, "num_samples": n,
+                              "seconds": round(time.perf_counter() - t0, 3)}
+    for k, v in comps.items():
+        result[f"reward_{k}"] = sum(v) / n
+    result["_prompts"], result["_completions"], result["_rewards"] = prompts, completions, rewards
+    return result
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    from .models import default_device, frozen_dtype, load_causal_lm, load_tokenizer, sync_special_tokens
+
+    for name in cfg.reward_funcs:
+        load_function(name)  # fail on a bad reward spec before loading anything
+    data = read_rows(cfg.data, cfg.split)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    device = default_device()
+    model = load_causal_lm(cfg.model, dtype=frozen_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+                           device=device)
+    sync_special_tokens(model, tokenizer)
+    torch.manual_seed(cfg.seed)
+    res = evaluate_model(model, tokenizer, data, cfg.reward_funcs, cfg.max_new_tokens, cfg.batch_size,
+                         cfg.max_samples, cfg.reward_weights, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                         top_p=cfg.top_p, top_k=cfg.top_k)
+    out = {k: v for k, v in res.items() if not k.startswith("_")}
+    out.update(model=cfg.model, data=cfg.data, reward_funcs=list(cfg.reward_funcs), do_sample=cfg.do_sample)
+    if cfg.save_completions:
+        out["samples"] = [{"prompt": p, "completion": c, "reward": r}
+                          for p, c, r in zip(res["_prompts"], res["_completions"], res["_rewards"])]
+    if cfg.output:
+        write_json_atomic(cfg.output, out)
+    return out

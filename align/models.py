@@ -1,0 +1,203 @@
+"""Models: loading by hub id or local path, dtype policy, LoRA, and a forward that computes logits only where
+they are used.
+
+Every model goes through `from_pretrained`, the built-in tiny model included (it is saved first, see
+`align.tiny`), so the code path users take with hub models is the one the tests exercise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AlignError
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> tuple[torch.dtype, str]:
+    """(dtype of trained weights, accelerate mixed-precision mode) for a config `dtype` value.
+
+    auto: float32 on CPU (the fastest and exact choice there); on a GPU with bf16 support, float32 master
+    weights with bf16 autocast. An explicit float16/bfloat16 loads the weights in that dtype."""
+    device = device or default_device()
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.float32, "bf16"
+        return torch.float32, "no"
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise AlignError(f"dtype '{name}' is not one of auto, float32, bfloat16, float16")
+    return table[name], "no"
+
+
+def frozen_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """dtype for models that are never trained (reference, reward): bf16 on capable GPUs under auto."""
+    w, mp = resolve_dtype(name, device)
+    return torch.bfloat16 if mp == "bf16" else w
+
+
+def check_model_path(path: str, what: str = "model") -> None:
+    """Fail early, in one line, when `path` is neither a model directory nor a plausible hub id."""
+    if not path:
+        raise AlignError(f"no {what} given")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+                os.path.join(path, "adapter_config.json")):
+            raise AlignError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+        return
+    if os.path.exists(path):
+        raise AlignError(f"{path}: is a file, not a model directory or hub id")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise AlignError(f"{path}: model directory not found")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    check_model_path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise AlignError(f"{path}: cannot load tokenizer: {_first_line(e)}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise AlignError(f"{path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _is_adapter_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   device: torch.device | str | None = None, merge_adapter: bool = True):
+    """AutoModelForCausalLM from a hub id or directory (safetensors only). A directory holding a LoRA adapter
+    is loaded on its base model and, by default, merged so that later stages see a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(path)
+    try:
+        if _is_adapter_dir(path):
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            if merge_adapter:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=_has_safetensors(path))
+    except AlignError:
+        raise
+    except Exception as e:
+        raise AlignError(f"{path}: cannot load as a causal language model: {_first_line(e)}") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _has_safetensors(path: str) -> bool | None:
+    if os.path.isdir(path):
+        return any(f.endswith(".safetensors") for f in os.listdir(path)) or None
+    return True  # hub: require safetensors weights
+
+
+def sync_special_tokens(model, tokenizer) -> None:
+    """Make the model's config and generation config agree with the tokenizer's pad/eos ids."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = tokenizer.pad_token_id
+        if getattr(cfg, "eos_token_id", None) is None:
+            cfg.eos_token_id = tokenizer.eos_token_id
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None):
+    """Wrap `model` with LoRA adapters; 'all-linear' targets every linear layer but the output head."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
+                     modules_to_save=modules_to_save)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise AlignError(f"lora_target_modules {target_modules}: {_first_line(e)}") from None
+
+
+def unwrap_peft(model):
+    """The transformers model under a peft wrapper (adapters stay injected), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_parts(model) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning hidden states, output head) of a causal LM, looking through peft wrappers."""
+    base = unwrap_peft(model)
+    backbone = base.get_decoder()
+    head = base.get_output_embeddings()
+    if backbone is base or head is None:
+        raise AlignError(f"{type(base).__name__}: cannot split the model into backbone and output head")
+    return backbone, head
+
+
+def _final_logits(base, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(base.config, "logit_scale", None)
+    if scale and isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    return logits
+
+
+class SelectiveLM(nn.Module):
+    """A causal LM whose forward returns logits only at selected positions.
+
+    The output head (often the biggest matrix of a small model) and everything after it run only where a
+    logit is used: completion tokens in SFT, sampled tokens in RL. Wrapping the model in a module keeps
+    DDP/FSDP/DeepSpeed hooks on the path (they wrap this module's forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, select: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False):
+        """input_ids (B,T); select (B,T) bool or None for all positions.
+        Returns logits (N,V) for the N selected positions in row-major order (or (B,T,V) if select is None),
+        and the selected hidden states (N,H) when return_hidden."""
+        backbone, head = lm_parts(self.model)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if select is not None:
+            hidden = hidden[select]
+        logits = _final_logits(unwrap_peft(self.model), head(hidden))
+        return (logits, hidden) if return_hidden else logits
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train, total

@@ -1,0 +1,110 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion (or assistant) tokens.
+
+The loss of an optimizer step is the mean over every trained token of the global batch (all processes, all
+accumulation micro-batches): each micro-batch contributes its summed token loss divided by the global token
+count, so the split into processes and micro-batches does not change the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SFTConfig
+from ..data import (IGNORE_INDEX, SFTExample, batched, global_batch_indices, pack_examples, pad_examples, read_rows,
+                    split_micro_batches, tokenize_sft)
+from ..models import SelectiveLM, apply_lora, load_causal_lm, load_tokenizer, sync_special_tokens
+from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
+
+
+def collate(examples: list[SFTExample], packing: bool, max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    return pack_examples(examples, max_length, pad_id) if packing else pad_examples(examples, pad_id)
+
+
+def num_targets(ex: SFTExample) -> int:
+    return sum(1 for x in ex.labels[1:] if x != IGNORE_INDEX)
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's target tokens and their count; logits only at those tokens."""
+    labels = batch["labels"].to(device)
+    select = labels != IGNORE_INDEX
+    logits = model(batch["input_ids"].to(device), select=select,
+                   attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+                   position_ids=batch["position_ids"].to(device))
+    loss = F.cross_entropy(logits.float(), labels[select], reduction="sum")
+    return loss, int(select.sum())
+
+
+def prepare_model(cfg, tokenizer, weights_dtype):
+    """Load the causal LM, align its special tokens with the tokenizer, and add LoRA / checkpointing."""
+    model = load_causal_lm(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
+    sync_special_tokens(model, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.use_lora:
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    return model
+
+
+def train_sft(cfg: SFTConfig) -> dict[str, float]:
+    """Run SFT as configured; returns the last logged metrics. Writes nothing before all input is valid."""
+    check_output_dir(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    kw = dict(max_length=cfg.max_length, completion_only=cfg.completion_only_loss, text_field=cfg.text_field,
+              add_eos=cfg.add_eos)
+    train = tokenize_sft(read_rows(cfg.train_data, cfg.train_split), tokenizer, **kw)
+    evals = tokenize_sft(read_rows(cfg.eval_data, cfg.eval_split), tokenizer, **kw) if cfg.eval_data else None
+
+    seed_everything(cfg.seed)
+    run = Run(cfg, "sft")
+    model = prepare_model(cfg, tokenizer, run.weights_dtype)
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * run.world
+    max_steps = resolve_max_steps(cfg, len(train), global_batch)
+    lm = run.prepare(SelectiveLM(model), max_steps)
+    pad_id = tokenizer.pad_token_id
+    counts = [num_targets(ex) for ex in train]
+
+    def step_fn(step: int) -> dict[str, float]:
+        indices = global_batch_indices(step, len(train), global_batch, cfg.seed)
+        total_tokens = sum(counts[i] for i in indices)  # known to every process without communication
+        micro = split_micro_batches(indices, run.world, run.rank, cfg.gradient_accumulation_steps)
+        lm.train()
+        loss_sum = 0.0
+        for k, idx in enumerate(micro):
+            batch = collate([train[i] for i in idx], cfg.packing, cfg.max_length, pad_id)
+            with run.no_sync(last=k == len(micro) - 1), run.accelerator.autocast():
+                loss, _ = token_loss_sum(lm, batch, run.device)
+                run.backward(loss * run.world / total_tokens)
+            loss_sum += float(loss.detach())
+        out = run.optimizer_step()
+        (loss_sum,) = run.reduce_sum([loss_sum])
+        out.update(loss=loss_sum / total_tokens, tokens=float(total_tokens))
+        return out
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return {"eval_loss": eval_loss(lm, evals, run, cfg, pad_id)}
+
+    metrics = run.train(step_fn, eval_fn if evals else None)
+    save_final(run, run.unwrap().model, tokenizer)
+    return metrics
+
+
+@torch.no_grad()
+def eval_loss(lm, examples: list[SFTExample], run: Run, cfg, pad_id: int) -> float:
+    """Mean token cross-entropy over `examples`, sharded over processes."""
+    lm.eval()
+    mine = examples[run.rank::run.world]
+    loss_sum, count = 0.0, 0
+    for chunk in batched(mine, cfg.per_device_eval_batch_size):
+        batch = collate(list(chunk), cfg.packing, cfg.max_length, pad_id)
+        with run.accelerator.autocast():
+            loss, n = token_loss_sum(lm, batch, run.device)
+        loss_sum += float(loss)
+        count += n
+    loss_sum, count = run.reduce_sum([loss_sum, float(count)])
+    lm.train()
+    return loss_sum / max(count, 1.0)
