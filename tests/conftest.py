@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models saved with save_pretrained (random weights, offline tokenizer) and small data
+files, so every test goes through the same from_pretrained / file-loading paths as a user's run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def addition_rows(n: int, seed: int = 0, with_completion: bool = True) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        row = {"prompt": f"What is {a}+{b}?", "answer": str(a + b)}
+        if with_completion:
+            row["completion"] = str(a + b)
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random Llama (hidden 32, 2 layers) and the built-in tokenizer, saved with save_pretrained."""
+    from align.tiny import save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    return save_tiny_model(path, arch="llama", hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory) -> str:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", addition_rows(64, seed=1))
+
+
+@pytest.fixture(scope="session")
+def eval_file(tmp_path_factory) -> str:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "eval.jsonl", addition_rows(16, seed=2))
