@@ -1,0 +1,218 @@
+"""Scalar-head models: reward models and value models (critics).
+
+A scalar model is a transformers ``AutoModelForSequenceClassification`` with ``num_labels=1``: the backbone of a
+causal LM plus a linear ``score`` head (hidden -> 1). Loading it from a causal-LM checkpoint (the SFT output,
+a hub id, a LoRA adapter directory) keeps the backbone and creates the head deterministically from ``seed``;
+loading it from a saved reward model (full or LoRA) restores the trained head. Saved with ``save_pretrained``,
+it loads back with ``AutoModelForSequenceClassification.from_pretrained``.
+
+Reading scores never uses pad-token ids: the score of a sequence is taken at its last position whose
+``attention_mask`` is 1, and positions are ``cumsum(attention_mask) - 1``, so left padding, right padding and
+extra padding on either side give the same rewards (pad may equal eos, as with many hub tokenizers).
+
+    model = load_scalar_model(path)                         # AutoModelForSequenceClassification, num_labels=1
+    r = sequence_scores(model, input_ids, attention_mask)   # (B,)    reward of each sequence
+    v = token_values(model, input_ids, attention_mask)      # (B, T)  a scalar per position (PPO critic)
+
+The functions accept the transformers model, a peft wrapper around it, or a :class:`ScalarModel` (the
+``nn.Module`` to hand to ``accelerate.prepare`` so DDP/FSDP hooks are on the forward path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from .config import AlignError
+from .models import _first_line, _has_safetensors, _is_adapter_dir, apply_lora, check_model_path, unwrap_peft
+
+SCORE_MODULE = "score"
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' load report (an RM made from a causal LM always 'misses' its new head)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def scalar_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning hidden states, score head hidden -> 1) of a scalar model, looking through
+    :class:`ScalarModel`, DDP-style ``.module`` and peft wrappers. Under LoRA the head is peft's
+    ``ModulesToSaveWrapper`` (trainable copy), which is called like the head itself."""
+    if isinstance(model, ScalarModel):
+        model = model.model
+    while hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+        model = model.module
+    base = unwrap_peft(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    head = getattr(base, SCORE_MODULE, None)
+    if backbone is None or head is None or backbone is base:
+        raise AlignError(f"{type(base).__name__}: not a scalar-head model (no backbone or '{SCORE_MODULE}' head)")
+    return backbone, head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only: ``cumsum(mask) - 1`` (0 on leading pads). (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last position with mask 1 (0 for an all-pad row). (B, T) -> (B,) long."""
+    t = attention_mask.shape[-1]
+    ar = torch.arange(t, device=attention_mask.device)
+    return (ar * (attention_mask != 0)).argmax(-1)
+
+
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, nn.Module]:
+    backbone, head = scalar_parts(model)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden, head
+
+
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's scalar at every position, ``V_t = w · h_t``: input_ids, attention_mask (B, T) -> (B, T)
+    float32. Values at masked positions are meaningless; the caller masks them."""
+    hidden, head = _hidden_states(model, input_ids, attention_mask, position_ids)
+    return head(hidden).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of each sequence at its last non-pad token (from ``attention_mask``, never from pad ids):
+    (B, T) -> (B,) float32. The head runs on those B hidden states only."""
+    hidden, head = _hidden_states(model, input_ids, attention_mask, position_ids)
+    idx = last_token_index(attention_mask)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    return head(last).squeeze(-1).float()
+
+
+class ScalarModel(nn.Module):
+    """``nn.Module`` wrapper whose forward returns sequence scores (B,) or, with ``per_token=True``, token
+    values (B, T). Prepare this (not the transformers model) with accelerate so distributed hooks see the
+    forward that computes the loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+        fn = token_values if per_token else sequence_scores
+        return fn(self.model, input_ids, attention_mask, position_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def init_score_head(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic head init without touching the global RNG: weight ~ N(0, 1/(H+1)), bias 0."""
+    _, head = scalar_parts(model)
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        w = torch.randn(head.weight.shape, generator=g, dtype=torch.float32) / math.sqrt(head.in_features + 1)
+        head.weight.copy_(w.to(head.weight.dtype))
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+
+
+def _adapter_task_type(path: str) -> str:
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+        return str(json.load(fh).get("task_type") or "")
+
+
+def _check_single_label(model, path: str) -> None:
+    n = getattr(model.config, "num_labels", 1)
+    if n != 1:
+        raise AlignError(f"{path}: sequence-classification model has num_labels={n}; a reward/value model needs 1")
+
+
+def load_scalar_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                      device: torch.device | str | None = None, seed: int = 0, pad_token_id: int | None = None,
+                      merge_adapter: bool = True):
+    """An ``AutoModelForSequenceClassification`` with one label from any of:
+
+    * a saved scalar model (``*ForSequenceClassification`` checkpoint): loaded as is, head included;
+    * a LoRA adapter of a scalar model (task_type SEQ_CLS): loaded on its base and merged (unless
+      ``merge_adapter`` is False);
+    * a causal LM (hub id, directory, or LoRA adapter of one, merged): backbone kept, new ``score`` head
+      initialised from ``seed`` (see :func:`init_score_head`).
+
+    ``pad_token_id`` (the tokenizer's), when given, is written into the config."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    check_model_path(path)
+    new_head = False
+    try:
+        with _quiet_loading():
+            if _is_adapter_dir(path) and _adapter_task_type(path) == "SEQ_CLS":
+                from peft import AutoPeftModelForSequenceClassification
+
+                model = AutoPeftModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+                if merge_adapter:
+                    model = model.merge_and_unload()
+            elif _is_adapter_dir(path):
+                from .models import load_causal_lm
+
+                lm = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+                config = lm.config
+                config.num_labels = 1
+                model = AutoModelForSequenceClassification.from_config(config, dtype=dtype,
+                                                                       trust_remote_code=trust_remote_code)
+                src = getattr(lm, lm.base_model_prefix)
+                dst = getattr(model, model.base_model_prefix)
+                dst.load_state_dict(src.state_dict())
+                del lm
+                new_head = True
+            else:
+                config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+                archs = getattr(config, "architectures", None) or []
+                is_scalar = any(a.endswith("ForSequenceClassification") for a in archs)
+                kw = {} if is_scalar else {"num_labels": 1}
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=_has_safetensors(path),
+                    output_loading_info=True, **kw)
+                new_head = any(k.split(".")[0] == SCORE_MODULE for k in info.get("missing_keys", ()))
+    except AlignError:
+        raise
+    except Exception as e:
+        raise AlignError(f"{path}: cannot load as a reward/value model: {_first_line(e)}") from None
+    _check_single_label(model, path)
+    if new_head:
+        init_score_head(model, seed)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def apply_scalar_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """LoRA adapters on the backbone of a scalar model; the ``score`` head stays fully trainable and is saved
+    with the adapter (peft task_type SEQ_CLS, ``modules_to_save=['score']``)."""
+    targets = list(target_modules)
+    if targets != ["all-linear"] and SCORE_MODULE in targets:
+        targets = [t for t in targets if t != SCORE_MODULE]
+    return apply_lora(model, r, alpha, dropout, targets, task_type="SEQ_CLS", modules_to_save=[SCORE_MODULE])
