@@ -90,7 +90,28 @@ class SFTConfig(BaseConfig):
     add_eos: bool = _f(True, "Append the tokenizer's EOS token after each completion / text.")
 
 
+@dataclass
+class RMConfig(BaseConfig):
+    """Reward model: a scalar head on a causal LM trained on pairwise or ranked comparisons (Bradley-Terry)."""
+
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW (the new head and the backbone alike).")
+    per_device_train_batch_size: int = _f(8, "Prompts (comparison rows) per process per micro-batch; a ranked "
+                                             "row of K responses counts once and gives K(K-1)/2 pairs.")
+    margin_column: str = _f("margin", "Column with a per-pair margin m in -log sigmoid(r_c - r_r - m); rows "
+                                      "without it (or files without the column) use 0. Empty: ignore margins.")
+    center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centring penalty, coefficient * mean of "
+                                               "r^2 over the responses of a comparison, which keeps rewards near "
+                                               "zero for the RL stage (TRL name; 0.01 is a common value).")
+    ranking_column: str = _f("ranking", "For ranked rows (prompt + responses): optional column of ranks, one "
+                                        "per response, 1 = best (ties make no pair); without it responses are "
+                                        "ordered best first.")
+    on_bad_pair: str = _f("error", "Rows whose two responses are identical (or a ranked row left with fewer "
+                                   "than two distinct responses): error stops before training; skip drops them "
+                                   "and logs the count.", choices=("error", "skip"))
+
+
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+STAGE_CONFIGS["rm"] = RMConfig
 
 
 def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
@@ -190,7 +211,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def make_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with `--config` and one `--name` option per dataclass field (help from metadata)."""
-    p = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""),
+    p = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""), allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with field: value lines; command-line options "
                                                   "override it.")
@@ -222,3 +243,86 @@ def load_config(cls: type, argv: list[str], prog: str) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reinforcement learning stages
+
+
+@dataclass
+class RLConfig(BaseConfig):
+    """Fields shared by the RL stages (PPO, GRPO, ...): sampling, reward sources, reference model, KL penalty.
+
+    train_data holds prompts: a 'prompt' column (string or chat messages) and any other columns, which reach the
+    reward functions as keyword lists (e.g. 'answer' for exact_match)."""
+
+    learning_rate: float = _f(3e-6, "Peak learning rate of AdamW.")
+    per_device_train_batch_size: int = _f(16, "Prompts per process per RL step (each gives one rollout in "
+                                              "PPO, num_generations in GRPO).")
+    max_new_tokens: int = _f(64, "Maximum tokens generated per completion (TRL: max_completion_length / "
+                                 "response_length); a completion without EOS by then is cut.")
+    temperature: float = _f(1.0, "Sampling temperature; log-probabilities for the loss use the same one.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1: off). Log-probabilities stay those of the untruncated "
+                           "tempered distribution, so leave it at 1 for exact on-policy ratios.")
+    top_k: int = _f(0, "Top-k sampling (0: off); same caveat as top_p.")
+    missing_eos_penalty: float = _f(0.0, "Subtracted from the reward of a completion that reached "
+                                         "max_new_tokens without EOS (TRL name; 0: off).")
+    reward_model: str = _f("", "Reward-model directory (saved by `align rm`) used as a reward source, named "
+                               "'reward_model' in the logs.")
+    reward_funcs: list = _f([], "Reward functions: built-in names (exact_match, number_match, format_digits, "
+                                "length_penalty), path/to/file.py:function or module:function; each receives "
+                                "prompts, completions and the prompt data's other columns.")
+    reward_weights: list = _f([], "Weights of the reward sources in order: reward_model (if set) then "
+                                  "reward_funcs (default: 1 each).")
+    gold_reward_funcs: list = _f([], "Reward functions that are logged (gold_<name>) but never trained on, to "
+                                     "watch proxy-vs-gold over-optimisation; also used for greedy eval on "
+                                     "eval_data (e.g. exact_match).")
+    ref_model: str = _f("", "Frozen reference policy for the KL penalty (default: model). With use_lora the "
+                            "reference is model with the adapter disabled: no second copy of the weights.")
+    beta: float = _f(0.05, "KL penalty coefficient (TRL's PPO calls it kl_coef); 0 disables the penalty.")
+    kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log-ratio, unbiased), k2 (half squared "
+                                 "log-ratio), k3 (r - 1 - log r, unbiased and >= 0).", choices=("k1", "k2", "k3"))
+    eval_max_samples: int = _f(0, "Greedy evaluation on eval_data uses only the first N prompts (0: all).")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO with a value model, GAE and a KL penalty to a frozen reference (InstructGPT-style RLHF).
+
+    A step generates per_device_train_batch_size rollouts per process, scores them, then runs num_ppo_epochs
+    passes over them in num_mini_batches minibatches (one optimizer update each; gradient_accumulation_steps
+    splits a minibatch into micro-batches). The PPO-paper variants are settings:
+    clipping only (default); KL penalty in the objective with fixed beta (use_clipping=false, kl_in=loss,
+    kl_to=old); adaptive beta (same with kl_controller=doubling); neither (use_clipping=false, beta=0)."""
+
+    num_ppo_epochs: int = _f(4, "Passes over each batch of rollouts.")
+    num_mini_batches: int = _f(1, "Minibatches (optimizer updates) per pass over the rollouts.")
+    cliprange: float = _f(0.2, "Policy ratio clip range epsilon (TRL name; GRPO calls it epsilon).")
+    use_clipping: bool = _f(True, "Clip the policy ratio (false: plain importance-weighted objective).")
+    cliprange_value: float = _f(0.2, "Clip range of the value prediction around the rollout values (0: off).")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    gamma: float = _f(1.0, "Discount factor of GAE.")
+    lam: float = _f(0.95, "GAE lambda: 1 gives Monte-Carlo returns minus the baseline, 0 the TD residual.")
+    whiten_advantages: bool = _f(True, "Normalise advantages to mean 0, std 1 over the batch's tokens.")
+    entropy_coef: float = _f(0.0, "Weight of the entropy bonus (subtracted from the loss).")
+    target_approx_kl: float = _f(0.0, "Stop a step's epoch loop once the mean approximate KL(pi_old || pi) of "
+                                      "the updates so far exceeds this (0: never).")
+    kl_in: str = _f("reward", "Where the KL penalty goes: reward (per-token -beta*KL added to the reward, "
+                              "InstructGPT) or loss (beta*KL added to the objective, PPO paper / GRPO).",
+                    choices=("reward", "loss"))
+    kl_to: str = _f("ref", "What the KL is measured against: ref (the frozen reference policy) or old (the "
+                           "policy that sampled the rollouts: the PPO paper's KL[pi_old, pi]; needs kl_in=loss).",
+                    choices=("ref", "old"))
+    kl_controller: str = _f("fixed", "How beta changes: fixed; adaptive (Ziegler et al. 2019: proportional "
+                                     "control toward target_kl over kl_horizon rollouts); doubling (PPO paper: "
+                                     "beta*2 when KL > 1.5*target_kl, beta/2 when KL < target_kl/1.5).",
+                            choices=("fixed", "adaptive", "doubling"))
+    target_kl: float = _f(6.0, "KL target of the adaptive/doubling controllers: nats per completion (sum over "
+                               "its tokens) for kl_to=ref, nats per token for kl_to=old (as in the PPO paper).")
+    kl_horizon: int = _f(10000, "Horizon (in rollouts) of the adaptive controller.")
+    value_model: str = _f("", "Critic: a model directory or hub id (a reward model keeps its head, a causal LM "
+                              "gets a new one), 'policy' for a value head on the policy's trunk; default: "
+                              "reward_model when set, else model.")
+
+
+STAGE_CONFIGS["ppo"] = PPOConfig
