@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("align.config:SFTConfig", "align.trainers.sft:train_sft", "supervised fine-tuning"),
     "eval": ("align.evaluate:EvalConfig", "align.evaluate:run_eval",
              "generate for a prompt file and score with reward functions"),
+    "ppo": ("align.config:PPOConfig", "align.trainers.ppo:train_ppo",
+            "PPO with a value model, GAE and a KL penalty to a frozen reference"),
     "tiny-model": ("align.tiny:TinyModelConfig", "align.tiny:run_tiny_model",
                    "build the built-in tiny model and tokenizer offline and save them"),
 }

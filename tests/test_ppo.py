@@ -1,0 +1,261 @@
+"""PPO: per-token rewards and KL controllers by hand, the loss variants, masking invariance of the whole
+rollout -> advantages -> loss path, tiny end-to-end runs (saving, reward model + critic, LoRA reference,
+value head on the trunk), exact resume, and input validation that writes nothing."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.cli import main
+from align.config import AlignError
+from align.data import encode_prompt, left_pad
+from align.kl_control import KLController
+from align.models import load_causal_lm, load_tokenizer
+from align.rollout import Rollout, generate, logprobs_from_selected, scatter_tokens, sequence_inputs
+from align.trainers.ppo import PolicyAndValue, per_token_rewards, ppo_advantages, ppo_loss, token_kl
+from conftest import addition_rows, write_jsonl
+
+BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",
+        "--per_device_train_batch_size", "4", "--max_length", "32", "--learning_rate", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(24, seed=7)]
+    return write_jsonl(tmp_path_factory.mktemp("ppo") / "rl.jsonl", rows)
+
+
+def ppo(model, data, out, *extra):
+    argv = ["ppo", "--model", model, "--train_data", data, "--output_dir", str(out), *BASE, *extra]
+    assert main(argv) == 0
+    return str(out)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pure pieces, by hand
+
+
+def test_per_token_rewards_put_the_score_on_the_last_valid_token():
+    scores = torch.tensor([1.0, -2.0, 5.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    r = per_token_rewards(scores, kl, mask, beta=0.5)
+    # row 0: -0.5*[0.1, 0.2, 0.3] + [0, 0, 1]; row 1: one token, -0.5*0.4 - 2; row 2: no valid token, nothing
+    torch.testing.assert_close(r, torch.tensor([[-0.05, -0.1, 0.85], [-2.2, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_adaptive_controller_follows_ziegler_by_hand():
+    c = KLController(0.1, "adaptive", target=6.0, horizon=100)
+    # KL 9: error = clip(9/6 - 1, -0.2, 0.2) = 0.2; beta *= 1 + 0.2 * 10/100 = 1.02
+    assert c.update(9.0, 10) == pytest.approx(0.102)
+    # KL 5.4: error = 5.4/6 - 1 = -0.1; beta *= 1 - 0.1 * 50/100 = 0.95
+    assert c.update(5.4, 50) == pytest.approx(0.102 * 0.95)
+    state = c.state_dict()
+    d = KLController(0.1, "adaptive", target=6.0, horizon=100)
+    d.load_state_dict(json.loads(json.dumps(state)))  # what a checkpoint stores
+    assert d.beta == c.beta
+
+
+def test_doubling_controller_follows_the_ppo_paper_by_hand():
+    c = KLController(1.0, "doubling", target=0.01)
+    assert c.update(0.016, 1) == 2.0  # 0.016 > 1.5 * 0.01 -> double
+    assert c.update(0.012, 1) == 2.0  # within [0.01/1.5, 0.015] -> unchanged
+    assert c.update(0.006, 1) == 1.0  # 0.006 < 0.0067 -> halve
+    assert KLController(0.3, "fixed").update(100.0, 1) == 0.3
+
+
+def test_loss_variants_by_hand():
+    mask = torch.tensor([[1.0, 1.0]])
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    logp = torch.log(torch.tensor([[0.75, 0.25]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, 1.0]])
+    zeros = torch.zeros(1, 2)
+    common = dict(values=zeros, old_values=zeros, returns=zeros, mask=mask, vf_coef=0.0)
+    # clipped (eps 0.2): per token -min(rA, clip(r)A) = -min(1.5, 1.2) = -1.2 and -min(0.5, 0.8) = -0.5
+    clipped, stats = ppo_loss(logp, old, adv, cliprange=0.2, **common)
+    assert clipped.item() == pytest.approx(-(1.2 + 0.5) / 2)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+    # neither clipping nor penalty: -mean(r A) = -(1.5 + 0.5) / 2
+    plain, stats = ppo_loss(logp, old, adv, cliprange=None, **common)
+    assert plain.item() == pytest.approx(-1.0) and stats["clip_frac"].item() == 0.0
+    # PPO-paper penalty KL[pi_old, pi] with k3 on old samples: (r - 1) - log r per token
+    k3 = ((1.5 - 1 - math.log(1.5)) + (0.5 - 1 - math.log(0.5))) / 2
+    pen, stats = ppo_loss(logp, old, adv, cliprange=None, kl_coef=2.0, kl_to="old", kl_estimator="k3", **common)
+    assert stats["kl_penalty"].item() == pytest.approx(k3)
+    assert pen.item() == pytest.approx(-1.0 + 2.0 * k3)
+    # penalty to the reference, k1: mean(log pi - log pi_ref) with pi_ref = old here
+    ref, stats = ppo_loss(logp, old, adv, cliprange=None, kl_coef=1.0, kl_to="ref", ref_logp=old,
+                          kl_estimator="k1", **common)
+    assert stats["kl_penalty"].item() == pytest.approx((math.log(1.5) + math.log(0.5)) / 2)
+    # entropy bonus lowers the loss by coef * mean entropy
+    ent, _ = ppo_loss(logp, old, adv, cliprange=None, entropy=torch.tensor([[1.0, 3.0]]), entropy_coef=0.1,
+                      **common)
+    assert ent.item() == pytest.approx(-1.0 - 0.1 * 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masking invariance of rollout -> rewards -> GAE -> loss -> gradient
+
+
+def _loss_and_grads(net, r: Rollout, beta=0.1):
+    mask = r.completion_mask
+    kl = token_kl(r.logprobs, r.ref_logprobs, mask, "k3")
+    rewards = per_token_rewards(r.rewards, kl, mask, beta)
+    adv, ret = ppo_advantages(rewards, r.values, mask, gamma=1.0, lam=0.9, whiten=True)
+    inp = sequence_inputs(r.prompt_ids, r.prompt_mask, r.completion_ids, mask)
+    net.zero_grad()
+    logits, values = net(inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"])
+    logp, ent = logprobs_from_selected(logits, r.completion_ids, mask, 0.8, with_entropy=True)
+    loss, _ = ppo_loss(logp, r.logprobs, adv, scatter_tokens(values, mask), r.values, ret, mask,
+                       entropy=ent, entropy_coef=0.01, kl_coef=0.05, kl_to="ref", ref_logp=r.ref_logprobs,
+                       kl_estimator="k3")
+    loss.backward()
+    return loss.detach(), adv, ret, [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+def test_garbage_after_eos_changes_nothing(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir)
+    ref = load_causal_lm(tiny_model_dir)
+    head = torch.nn.Linear(policy.get_output_embeddings().in_features, 1)
+    net = PolicyAndValue(policy, value_head=head)
+    ids, att = left_pad([encode_prompt(tok, p) for p in ["What is 1+2?", "Hi", "What is 33+44?"]],
+                        tok.pad_token_id)
+    free = generate(policy, ids, att, 6, greedy=True, eos_id=None, pad_id=0)
+    eos = int(free.completion_ids[0, 2])  # row 0 ends after 3 tokens
+    s = generate(policy, ids, att, 6, temperature=0.8, eos_id=eos, pad_id=0, greedy=True)
+    with torch.no_grad():
+        from align.models import SelectiveLM
+        from align.rollout import completion_logprobs
+
+        r = Rollout(**vars(s), rewards=torch.tensor([1.0, -0.5, 0.25]))
+        r.ref_logprobs = completion_logprobs(SelectiveLM(ref), r, 0.8)[0]
+        inp = sequence_inputs(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        r.values = scatter_tokens(net.values(inp["input_ids"], inp["select"], inp["attention_mask"],
+                                             inp["position_ids"]), r.completion_mask)
+    # two extra padding columns give every row a masked tail; fill all masked entries with garbage
+    pad2 = lambda x, v: torch.cat([x, torch.full((x.shape[0], 2), v, dtype=x.dtype)], 1)  # noqa: E731
+    clean = Rollout(**{**vars(r), "completion_ids": pad2(r.completion_ids, 0),
+                       "completion_mask": pad2(r.completion_mask, 0), "logprobs": pad2(r.logprobs, 0.0),
+                       "ref_logprobs": pad2(r.ref_logprobs, 0.0), "values": pad2(r.values, 0.0)})
+    m = clean.completion_mask.bool()
+    assert (~m).any(-1).all() and m[0].sum() == 3
+    g = torch.Generator().manual_seed(0)
+    dirty = Rollout(**{**vars(clean),
+                       "completion_ids": torch.where(m, clean.completion_ids,
+                                                     torch.randint(3, 200, m.shape, generator=g)),
+                       "logprobs": torch.where(m, clean.logprobs, torch.full(m.shape, 1e4)),
+                       "ref_logprobs": torch.where(m, clean.ref_logprobs, torch.full(m.shape, -1e4)),
+                       "values": torch.where(m, clean.values, torch.full(m.shape, float("nan")))})
+    loss_a, adv_a, ret_a, grads_a = _loss_and_grads(net, clean)
+    loss_b, adv_b, ret_b, grads_b = _loss_and_grads(net, dirty)
+    assert torch.isfinite(loss_a) and loss_a.item() == loss_b.item()
+    assert torch.equal(adv_a, adv_b) and torch.equal(ret_a, ret_b)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_ppo_runs_logs_and_saves(tiny_model_dir, prompts_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / "o", "--max_steps", "3", "--reward_model", tiny_model_dir,
+              "--reward_funcs", "format_digits", "--reward_weights", "1.0,0.5", "--gold_reward_funcs",
+              "exact_match", "--missing_eos_penalty", "1.0", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
+              "--eval_data", prompts_file, "--eval_max_samples", "4")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward", "reward_reward_model", "reward_format_digits", "gold_exact_match", "kl", "entropy",
+                "clip_frac", "approx_kl", "value_loss", "explained_variance", "response_length",
+                "time_generation", "time_scoring", "time_reference", "time_training", "beta"):
+        assert key in rows[0] and math.isfinite(rows[0][key]), key
+    assert rows[0]["ppo_updates"] == 4.0  # 2 epochs x 2 minibatches
+    assert "eval_exact_match" in rows[-1]
+    # no EOS within 4 tokens from a random model -> the penalty shows in the combined reward
+    r0 = rows[0]
+    expect = r0["reward_reward_model"] + 0.5 * r0["reward_format_digits"] - (1 - r0["eos_frac"])
+    assert r0["reward"] == pytest.approx(expect, abs=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size > 0
+    critic = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "value_model"))
+    assert critic.config.num_labels == 1
+    before, after = load_file(os.path.join(tiny_model_dir, "model.safetensors")), load_file(
+        os.path.join(out, "model.safetensors"))
+    assert max((before[k] - after[k]).abs().max().item() for k in before) > 0  # the policy moved
+
+
+def test_resume_gives_the_same_run(tiny_model_dir, prompts_file, tmp_path):
+    common = ("--max_steps", "4", "--save_steps", "2", "--reward_funcs", "format_digits,length_penalty",
+              "--kl_controller", "adaptive", "--target_kl", "0.01", "--kl_horizon", "10", "--beta", "0.1",
+              "--value_model", "policy", "--lr_scheduler_type", "cosine", "--warmup_steps", "1",
+              "--num_mini_batches", "2")
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / "run", *common)
+    full_w, full_m = load_file(os.path.join(out, "model.safetensors")), metrics(out)
+    full_head = load_file(os.path.join(out, "value_head.safetensors"))
+    assert len({r["beta"] for r in full_m}) == 4  # the controller moved beta every step
+    ppo(tiny_model_dir, prompts_file, out, *common, "--resume_from_checkpoint", "latest")
+    res_w, res_m = load_file(os.path.join(out, "model.safetensors")), metrics(out)
+    assert [r["step"] for r in res_m] == [1, 2, 3, 4]
+    for k in ("reward", "kl", "beta", "value_loss", "learning_rate"):
+        assert [r[k] for r in res_m] == [r[k] for r in full_m], k
+    assert all(torch.equal(full_w[k], res_w[k]) for k in full_w)
+    res_head = load_file(os.path.join(out, "value_head.safetensors"))
+    assert all(torch.equal(full_head[k], res_head[k]) for k in full_head)
+
+
+def test_lora_reference_is_the_base_with_adapter_disabled(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    import align.trainers.rl as rl
+
+    created = []
+    real = rl.Reference.load.__func__
+
+    def spy(cls, *a, **kw):
+        ref = real(cls, *a, **kw)
+        created.append(ref)
+        return ref
+
+    monkeypatch.setattr(rl.Reference, "load", classmethod(spy))
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / "lora", "--max_steps", "2", "--use_lora", "true",
+              "--lora_r", "4", "--reward_funcs", "format_digits", "--value_model", "policy",
+              "--num_ppo_epochs", "1")
+    assert created and created[0].lm is None  # no second model: the adapter is switched off instead
+    rows = metrics(out)
+    assert rows[0]["kl"] == 0.0  # LoRA starts as the identity, so the first rollout has exactly zero KL
+    assert rows[1]["kl"] != 0.0
+    assert os.path.isfile(os.path.join(out, "adapter_config.json"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--reward_funcs", "format_digits", "--max_length", "10"], "exceeds max_length=10"),
+    (["--reward_funcs", "format_digits", "--kl_to", "old"], "kl_to=old"),
+    (["--reward_funcs", "nope"], "reward 'nope'"),
+    ([], "no reward source"),
+    (["--reward_funcs", "format_digits", "--reward_weights", "1,2"], "reward_weights has 2 values for 1"),
+])
+def test_bad_input_fails_before_writing(tiny_model_dir, prompts_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    argv = ["ppo", "--model", tiny_model_dir, "--train_data", prompts_file, "--output_dir", str(out), *BASE,
+            *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_column_is_reported_with_file_and_line(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "x"}])
+    argv = ["ppo", "--model", tiny_model_dir, "--train_data", data, "--output_dir", str(tmp_path / "o"), *BASE,
+            "--reward_funcs", "exact_match"]
+    assert main(argv) == 2
+    assert f"{data}: line 2, field 'answer': missing column" in capsys.readouterr().err
