@@ -224,6 +224,12 @@ class Run:
     # -- per step ---------------------------------------------------------------------------------------------
     def no_sync(self, last: bool):
         """Context for one micro-batch's backward: skip the gradient all-reduce unless it is the last."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # the DeepSpeed engine steps inside backward when accelerate says gradients sync: only at the last
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            return contextlib.nullcontext()
         if last or self.world == 1:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
