@@ -105,9 +105,9 @@ class RMConfig(BaseConfig):
     ranking_column: str = _f("ranking", "For ranked rows (prompt + responses): optional column of ranks, one "
                                         "per response, 1 = best (ties make no pair); without it responses are "
                                         "ordered best first.")
-    on_bad_pair: str = _f("error", "Rows whose two responses are identical (or a ranked row left with fewer "
-                                   "than two distinct responses): error stops before training; skip drops them "
-                                   "and logs the count.", choices=("error", "skip"))
+    on_bad_pair: str = _f("error", "Rows with no preference to learn (chosen identical to rejected, identical "
+                                   "responses in a ranked list, or all ranks equal): error stops before "
+                                   "training; skip drops them and reports the count.", choices=("error", "skip"))
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
