@@ -19,10 +19,14 @@ Tensor = torch.Tensor
 
 __all__ = [
     "GROUP_ADVANTAGES",
+    "PSI_ESTIMATORS",
+    "SEQUENCE_BASELINES",
     "discounted_returns",
     "gae",
     "group_advantages",
+    "policy_gradient_psi",
     "reward_to_go",
+    "sequence_baseline",
     "td_residual",
     "zero_std_group_fraction",
 ]
@@ -205,3 +209,109 @@ def zero_std_group_fraction(rewards: Tensor, group_size: int) -> Tensor:
     """
     r = _grouped(rewards, group_size)
     return (r.amax(dim=1) == r.amin(dim=1)).float().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policy-gradient Ψ_t (vanilla policy gradient / REINFORCE, and TRPO's advantage)
+# ----------------------------------------------------------------------------------------------------------------
+# ``g = E[Σ_t Ψ_t ∇_θ log π_θ(a_t | s_t)]`` with Ψ_t one of the estimators below (Schulman et al. 2016, §2; the
+# list in our policy-optimisation notes). Each entry maps ``(rewards, mask, gamma, lam, values, baseline)`` to Ψ
+# (B, T), 0 on masked positions. ``values`` (B, T) are critic values V(s_t); ``baseline`` is b(s_t), either
+# (B, T) per token or (B,) per sequence (broadcast over its tokens).
+
+
+def _psi_return(rewards, mask, gamma, lam, values, baseline):
+    total = discounted_returns(rewards, mask, gamma)
+    return torch.where(_valid(mask), total.unsqueeze(-1).expand_as(rewards), torch.zeros_like(rewards))
+
+
+def _psi_reward_to_go(rewards, mask, gamma, lam, values, baseline):
+    return reward_to_go(rewards, mask, gamma)
+
+
+def _psi_reward_to_go_baseline(rewards, mask, gamma, lam, values, baseline):
+    if baseline is None:
+        raise ValueError("psi 'reward_to_go_baseline' needs a baseline (values or a per-sequence mean)")
+    b = baseline.unsqueeze(-1) if baseline.dim() == rewards.dim() - 1 else baseline
+    out = reward_to_go(rewards, mask, gamma) - b
+    return torch.where(_valid(mask), out, torch.zeros_like(out))
+
+
+def _psi_gae(rewards, mask, gamma, lam, values, baseline):
+    if values is None:
+        raise ValueError("psi 'gae' needs critic values")
+    return gae(rewards, values, mask, gamma, lam)[0]
+
+
+def _psi_td_residual(rewards, mask, gamma, lam, values, baseline):
+    if values is None:
+        raise ValueError("psi 'td_residual' needs critic values")
+    return td_residual(rewards, values, mask, gamma)
+
+
+PSI_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
+    "return": _psi_return,  # Σ_{t'} γ^{t'} r_{t'}: the whole trajectory's return at every token
+    "reward_to_go": _psi_reward_to_go,  # Σ_{t' ≥ t} γ^{t'−t} r_{t'}
+    "reward_to_go_baseline": _psi_reward_to_go_baseline,  # Σ_{t' ≥ t} γ^{t'−t} r_{t'} − b(s_t)
+    "gae": _psi_gae,  # Σ_l (γλ)^l δ_{t+l}, an estimate of A^π(s_t, a_t)
+    "td_residual": _psi_td_residual,  # δ_t = r_t + γ V(s_{t+1}) − V(s_t)
+}
+
+
+def policy_gradient_psi(
+    kind: str,
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    values: Tensor | None = None,
+    baseline: Tensor | None = None,
+) -> Tensor:
+    """Ψ_t of the policy gradient ``g = E[Σ_t Ψ_t ∇ log π(a_t|s_t)]``, chosen by name from `PSI_ESTIMATORS`.
+
+    - ``"return"``: ``R = Σ_k γ^k r_k`` (Monte-Carlo, the same for every token of a sequence);
+    - ``"reward_to_go"``: ``G_t = Σ_{t' ≥ t} γ^{t'−t} r_{t'}`` (drops rewards earned before ``a_t``);
+    - ``"reward_to_go_baseline"``: ``G_t − b(s_t)`` with ``baseline`` b: critic values (B, T) or a per-sequence
+      mean (B,) from :func:`sequence_baseline`;
+    - ``"gae"``: ``Â_t^{GAE(γ, λ)}`` (needs ``values``; λ = 1 equals ``G_t − V_t``, λ = 0 the TD residual);
+    - ``"td_residual"``: ``δ_t = r_t + γ V_{t+1} − V_t`` (needs ``values``).
+
+    Shapes: ``rewards``, ``mask``, ``values`` (B, T); ``baseline`` (B, T) or (B,) → (B, T), 0 on masked
+    positions. ``lam`` is read by ``"gae"`` only, ``baseline`` by ``"reward_to_go_baseline"`` only.
+    """
+    try:
+        fn = PSI_ESTIMATORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown psi {kind!r}; valid: {', '.join(PSI_ESTIMATORS)}") from None
+    return fn(rewards, mask, gamma, lam, values, baseline)
+
+
+def _batch_mean(returns: Tensor, group_size: int) -> Tensor:
+    return returns.mean().expand_as(returns)
+
+
+def _group_mean(returns: Tensor, group_size: int) -> Tensor:
+    return _grouped(returns, group_size).mean(dim=1, keepdim=True).expand(-1, group_size).reshape(-1)
+
+
+SEQUENCE_BASELINES: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "batch_mean": _batch_mean,
+    "group_mean": _group_mean,
+}
+
+
+def sequence_baseline(returns: Tensor, kind: str, group_size: int = 1) -> Tensor:
+    """A per-sequence baseline b from the sequences' total returns: (N,) → (N,).
+
+    - ``"batch_mean"``: ``b_i = mean_j R_j`` over the whole batch;
+    - ``"group_mean"``: ``b_i = mean_{j ∈ g(i)} R_j`` over the ``group_size`` completions of i's prompt (rows
+      ``[g·G, (g+1)·G)``), as in Dr. GRPO. Including ``R_i`` itself scales the expected gradient by
+      ``(G−1)/G`` and adds no bias to its direction.
+
+    A baseline that does not depend on the action keeps the gradient unbiased and lowers its variance.
+    """
+    try:
+        fn = SEQUENCE_BASELINES[kind]
+    except KeyError:
+        raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(SEQUENCE_BASELINES)}") from None
+    return fn(returns, group_size)

@@ -24,6 +24,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
               "add a reward column to a data file with a reward model"),
     "ppo": ("align.config:PPOConfig", "align.trainers.ppo:train_ppo",
             "PPO with a value model, GAE and a KL penalty to a frozen reference"),
+    "trpo": ("align.config:TRPOConfig", "align.trainers.trpo:train_trpo",
+             "TRPO: natural-gradient steps inside a KL trust region, with a backtracking line search"),
+    "reinforce": ("align.config:ReinforceConfig", "align.trainers.reinforce:train_reinforce",
+                  "vanilla policy gradient (REINFORCE) with Psi chosen by name"),
     "tiny-model": ("align.tiny:TinyModelConfig", "align.tiny:run_tiny_model",
                    "build the built-in tiny model and tokenizer offline and save them"),
 }

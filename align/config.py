@@ -326,3 +326,84 @@ class PPOConfig(RLConfig):
 
 
 STAGE_CONFIGS["ppo"] = PPOConfig
+
+
+@dataclass
+class PolicyGradientConfig(RLConfig):
+    """Fields shared by the vanilla policy-gradient stages (REINFORCE, TRPO): which Ψ_t weighs each token's
+    ∇ log π in ``g = E[Σ_t Ψ_t ∇ log π(a_t|s_t)]``, and the critic when Ψ needs one.
+
+    Per-token rewards are the sequence's score at its last token and −beta·KL(π‖π_ref) at every token (as PPO's
+    kl_in=reward). Ψ needs critic values for baseline=value with psi=reward_to_go_baseline, for gae and for
+    td_residual; the critic is then fitted by regression on Monte-Carlo rewards-to-go (on GAE returns for gae)."""
+
+    num_generations: int = _f(1, "Completions sampled per prompt (TRL name); each step has "
+                                 "per_device_train_batch_size x num_generations rollouts per process. "
+                                 "baseline=group_mean needs >= 2.")
+    psi: str = _f("reward_to_go_baseline", "Psi_t, the weight of each token's grad log-prob: return (the total "
+                                           "return), reward_to_go, reward_to_go_baseline (reward-to-go minus "
+                                           "`baseline`), gae (GAE advantage), td_residual "
+                                           "(r_t + gamma V_{t+1} - V_t).",
+                  choices=("return", "reward_to_go", "reward_to_go_baseline", "gae", "td_residual"))
+    baseline: str = _f("batch_mean", "Baseline of psi=reward_to_go_baseline: value (the critic's V(s_t)), "
+                                     "batch_mean (mean return of the process's batch) or group_mean (mean return "
+                                     "of the prompt's num_generations completions).",
+                       choices=("value", "batch_mean", "group_mean"))
+    gamma: float = _f(1.0, "Discount factor of returns, rewards-to-go, TD residuals and GAE.")
+    lam: float = _f(0.95, "GAE lambda (psi=gae only).")
+    whiten_advantages: bool = _f(False, "Normalise Psi to mean 0, std 1 over the batch's tokens.")
+    loss_agg: str = _f("seq-mean-token-sum", "How per-token terms become the loss: seq-mean-token-sum (the "
+                                             "textbook estimator: sum over a trajectory, mean over "
+                                             "trajectories), token-mean, seq-mean-token-mean or "
+                                             "seq-mean-token-sum-norm.",
+                       choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                "seq-mean-token-sum-norm"))
+    value_model: str = _f("", "Critic when psi needs values: a model directory or hub id (a reward model keeps "
+                              "its head, a causal LM gets a new one), 'policy' for a value head on the policy's "
+                              "trunk; default: reward_model when set, else model.")
+    vf_coef: float = _f(0.1, "Weight of the critic's regression loss in REINFORCE's joint loss (TRPO fits the "
+                             "critic on its own, see vf_iters).")
+
+
+@dataclass
+class ReinforceConfig(PolicyGradientConfig):
+    """Vanilla policy gradient (REINFORCE, Williams 1992) with Psi chosen by name: one on-policy AdamW update of
+    ``-agg(Psi_t log pi(a_t|s_t)) + vf_coef * value loss`` per batch of rollouts."""
+
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
+
+
+@dataclass
+class TRPOConfig(PolicyGradientConfig):
+    """Trust region policy optimisation (Schulman et al. 2015): maximise the surrogate E[pi/pi_old * A] subject
+    to the mean per-token KL(pi_old || pi) <= max_kl, with the natural-gradient direction from conjugate gradient
+    on Fisher-vector products, the largest step the quadratic KL model allows, and a backtracking line search.
+
+    The policy is moved by that step only (learning_rate, the AdamW fields and max_grad_norm apply to the critic
+    alone); its trainable parameters are all of them, or the LoRA adapters with use_lora."""
+
+    learning_rate: float = _f(1e-4, "Peak learning rate of the critic's AdamW (the policy takes TRPO steps).")
+    whiten_advantages: bool = _f(True, "Normalise Psi to mean 0, std 1 over the batch's tokens.")
+    loss_agg: str = _f("token-mean", "How the surrogate averages its tokens (the KL constraint is always a "
+                                     "token mean): token-mean, seq-mean-token-mean, seq-mean-token-sum or "
+                                     "seq-mean-token-sum-norm.",
+                       choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                "seq-mean-token-sum-norm"))
+    max_kl: float = _f(0.01, "Trust-region radius delta: the largest mean per-token KL(pi_old || pi) of a step.")
+    cg_iters: int = _f(10, "Conjugate-gradient iterations (Fisher-vector products) per step.")
+    cg_damping: float = _f(0.1, "Damping lambda added to the Fisher matrix: (F + lambda I) x = g.")
+    cg_residual_tol: float = _f(1e-10, "Stop conjugate gradient once the squared residual is below this.")
+    fisher_fraction: float = _f(1.0, "Fraction of each batch's rollouts (evenly spaced) on which the Fisher-vector "
+                                     "products are computed; < 1 makes each conjugate-gradient iteration that much "
+                                     "cheaper (the gradient and the line search use every rollout).")
+    line_search_steps: int = _f(10, "Candidate steps of the backtracking line search (full step, then "
+                                     "shrunk by backtrack_ratio each time).")
+    backtrack_ratio: float = _f(0.5, "Factor by which the line search shrinks a rejected step.")
+    accept_ratio: float = _f(0.1, "A step must improve the surrogate by more than 0 and by at least this "
+                                  "fraction of the linear prediction g.step.")
+    kl_tolerance: float = _f(0.0, "A step is accepted with KL up to max_kl * (1 + kl_tolerance).")
+    vf_iters: int = _f(4, "AdamW passes of the critic's regression over each batch of rollouts.")
+
+
+STAGE_CONFIGS["reinforce"] = ReinforceConfig
+STAGE_CONFIGS["trpo"] = TRPOConfig

@@ -23,7 +23,9 @@ __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "aggregate",
+    "aggregate_count",
     "bradley_terry_loss",
+    "categorical_kl",
     "clipped_surrogate_loss",
     "entropy_from_logits",
     "explained_variance",
@@ -32,6 +34,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "policy_gradient_loss",
     "token_logprobs",
     "value_loss",
 ]
@@ -385,3 +388,70 @@ def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     var_resid = masked_var(target - pred, mask, unbiased=False)
     nan = torch.full_like(var_target, float("nan"))
     return torch.where(var_target > 0, 1.0 - var_resid / var_target, nan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vanilla policy gradient and the exact KL between categorical distributions (REINFORCE, TRPO)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def policy_gradient_loss(
+    logp: Tensor,
+    psi: Tensor,
+    mask: Tensor,
+    agg: str = "seq-mean-token-sum",
+    max_len: int | None = None,
+    num_items: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Vanilla policy-gradient (REINFORCE) loss, whose gradient is minus ``g = E[Σ_t Ψ_t ∇ log π(a_t|s_t)]``.
+
+    ``L = −agg(Ψ_t · log π_θ(a_t|s_t))`` with Ψ held constant (Williams 1992; Ψ from
+    :func:`align.advantages.policy_gradient_psi`). The default ``"seq-mean-token-sum"`` is the textbook estimator:
+    a sum over each trajectory's tokens, a mean over trajectories. ``agg``, ``max_len`` and ``num_items`` as in
+    :func:`aggregate`.
+
+    Shapes: ``logp``, ``mask`` (B, T); ``psi`` (B, T) or (B,) per sequence (broadcast over T). Returns ``(loss,
+    stats)`` with detached ``psi_mean`` and ``psi_std`` over valid tokens.
+    """
+    if psi.dim() == logp.dim() - 1:
+        psi = psi.unsqueeze(-1).expand_as(logp)
+    psi = _select(psi.detach(), mask)
+    loss = aggregate(-psi * _select(logp, mask), mask, agg, max_len=max_len, num_items=num_items)
+    with torch.no_grad():
+        stats = {"psi_mean": masked_mean(psi, mask),
+                 "psi_std": masked_var(psi, mask, unbiased=False).clamp(min=0).sqrt()}
+    return loss, stats
+
+
+def categorical_kl(old_logprobs: Tensor, logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Exact ``KL(π_old ‖ π_θ)`` between the full next-token distributions at each position.
+
+    ``KL = Σ_v π_old(v) (log π_old(v) − log π_θ(v))`` with ``π_θ = softmax(logits / temperature)`` and
+    ``old_logprobs`` = ``log π_old`` (already normalised, at the same temperature). Its Hessian in θ at
+    ``θ = θ_old`` is the Fisher information matrix of the policy at that state (TRPO, Schulman et al. 2015,
+    appendix C), and its gradient there is 0.
+
+    Shapes: ``old_logprobs``, ``logits`` (..., V) → (...). Computed in float32 at least. Tokens with
+    ``π_old(v) = 0`` contribute exactly 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logits.float() if logits.dtype not in _FULL_PRECISION else logits
+    if temperature != 1.0:
+        z = z / temperature
+    old = old_logprobs.float() if old_logprobs.dtype not in _FULL_PRECISION else old_logprobs
+    logp = torch.log_softmax(z, dim=-1)
+    p_old = old.exp()
+    return torch.where(p_old > 0, p_old * (old - logp), torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
+
+
+def aggregate_count(mask: Tensor, mode: str = "token-mean") -> Tensor:
+    """The outer denominator :func:`aggregate` uses for ``mode`` without ``num_items``, unclamped: the number of
+    valid tokens for ``"token-mean"``, of sequences with at least one valid token for the ``seq-mean-*`` modes.
+
+    Summed over the micro-batches (and processes) of a batch, it is the ``num_items`` that makes accumulated
+    losses equal the whole batch's. Shapes: (B, T) → 0-dim float32 tensor."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
+    valid = _valid(mask)
+    return (valid.sum() if mode == "token-mean" else valid.any(-1).sum()).float()

@@ -160,3 +160,67 @@ def greedy_eval(model: nn.Module, tokenizer, data: Rows, funcs: Sequence[str], m
     for spec in funcs:
         out[f"eval_{source_name(spec)}"] = float(res[f"reward_{spec}"])
     return out
+
+
+class RolloutSampler:
+    """One step's rollouts for any RL stage: this process's share of the step's prompts, num_generations
+    completions each sampled with the current policy, scored by the reward sources, with the reference
+    log-probabilities (when a `Reference` is given) and critic values (when a `value_fn` is given).
+
+    Which prompts a step uses and how they are sampled depend on (seed, step, rank) only, so a resumed run draws
+    the same rollouts as an uninterrupted one."""
+
+    def __init__(self, cfg, run, tokenizer, data: PromptData, sources: dict, weights: Sequence[float] | None,
+                 gold: dict, reference: Reference | None = None, num_generations: int = 1):
+        self.cfg, self.run, self.tokenizer, self.data = cfg, run, tokenizer, data
+        self.sources, self.weights, self.gold, self.reference = sources, weights, gold, reference
+        self.num_generations = num_generations
+        self.global_prompts = cfg.per_device_train_batch_size * run.world
+
+    def __call__(self, step: int, policy: nn.Module,
+                 value_fn: Callable[[Any], torch.Tensor] | None = None):
+        """The `Rollout` of `step` sampled from `policy` (a causal LM, in eval mode during sampling)."""
+        from ..data import global_batch_indices, split_micro_batches
+        from ..rollout import generate, make_generator, make_rollout
+
+        cfg, run = self.cfg, self.run
+        indices = global_batch_indices(step, len(self.data), self.global_prompts, cfg.seed)
+        mine = split_micro_batches(indices, run.world, run.rank, 1)[0]
+        prompts, cols, ids, mask = self.data.batch(mine, self.tokenizer.pad_token_id, run.device)
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad(), run.accelerator.autocast():
+                with run.timer("generation"):
+                    samples = generate(policy, ids, mask, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                       cfg.top_k, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                       generator=make_generator(run.device, cfg.seed, step, run.rank),
+                                       num_return_sequences=self.num_generations)
+                return make_rollout(samples, self.tokenizer, prompts, cols, self.sources, self.weights,
+                                    cfg.missing_eos_penalty, self.gold,
+                                    ref_fn=self._ref_logprobs if self.reference is not None else None,
+                                    value_fn=value_fn, timer=run.timer)
+        finally:
+            policy.train(was_training)
+
+    def _ref_logprobs(self, r) -> torch.Tensor:
+        from ..rollout import completion_logprobs
+
+        with self.reference.active() as ref:
+            return completion_logprobs(ref, r, self.cfg.temperature)[0]
+
+
+def load_eval(cfg) -> tuple[Any, list[str]]:
+    """(validated eval rows or None, reward functions to score them with: gold_reward_funcs, else reward_funcs)
+    of an RL config."""
+    from ..evaluate import prompt_columns
+
+    if not cfg.eval_data:
+        return None, []
+    funcs = list(cfg.gold_reward_funcs or cfg.reward_funcs)
+    rows = read_rows(cfg.eval_data, cfg.eval_split)
+    prompt_columns(rows, len(rows))
+    if not funcs:
+        raise AlignError("eval_data is set but there is no reward function to score it with (set "
+                         "gold_reward_funcs, e.g. exact_match)")
+    return rows, funcs
