@@ -29,18 +29,16 @@ from torch import nn
 
 from ..advantages import gae
 from ..config import AlignError, PPOConfig
-from ..data import global_batch_indices, read_rows, split_micro_batches
-from ..evaluate import prompt_columns
+from ..data import read_rows
 from ..heads import apply_scalar_lora, load_scalar_model, token_values
 from ..kl_control import KLController
 from ..losses import (aggregate, clipped_surrogate_loss, entropy_from_logits, explained_variance, kl_estimate,
                       masked_mean, masked_whiten, value_loss)
 from ..models import SelectiveLM, lm_parts, load_tokenizer
-from ..rollout import (Rollout, generate, logprobs_from_selected, make_generator, make_rollout, scatter_tokens,
-                       sequence_inputs)
+from ..rollout import Rollout, logprobs_from_selected, make_generator, scatter_tokens, sequence_inputs
 from .loop import Run, check_output_dir, resolve_max_steps, seed_everything
-from .rl import (PromptData, Reference, check_rl_config, disable_dropout, gold_sources, greedy_eval,
-                 load_prompt_data, reward_sources)
+from .rl import (Reference, RolloutSampler, apply_gradients, check_rl_config, disable_dropout, gold_sources,
+                 greedy_eval, load_eval, load_prompt_data, reward_sources)
 from .sft import prepare_model
 
 Tensor = torch.Tensor
@@ -238,14 +236,7 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split), tokenizer, cfg.max_length,
                             cfg.max_new_tokens)
-    eval_rows = None
-    eval_funcs = list(cfg.gold_reward_funcs or cfg.reward_funcs)
-    if cfg.eval_data:
-        eval_rows = read_rows(cfg.eval_data, cfg.eval_split)
-        prompt_columns(eval_rows, len(eval_rows))  # validate before training
-        if not eval_funcs:
-            raise AlignError("eval_data is set but there is no reward function to score it with (set "
-                             "gold_reward_funcs, e.g. exact_match)")
+    eval_rows, eval_funcs = load_eval(cfg)
 
     seed_everything(cfg.seed)
     run = Run(cfg, "ppo")
@@ -254,16 +245,15 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     critic, value_head = build_critic(cfg, tokenizer, run.weights_dtype, policy)
     module = PolicyAndValue(policy, critic, value_head)
     reference = Reference.load(cfg, policy, tokenizer, run.device)
-    sources = reward_sources(cfg, run.device)
-    gold = gold_sources(cfg)
     weights = [float(w) for w in cfg.reward_weights] or None
+    sampler = RolloutSampler(cfg, run, tokenizer, data, reward_sources(cfg, run.device), weights,
+                             gold_sources(cfg), reference)
 
     global_batch = cfg.per_device_train_batch_size * run.world
     max_steps = resolve_max_steps(cfg, len(data), global_batch)
     controller = KLController(cfg.beta, cfg.kl_controller, cfg.target_kl, cfg.kl_horizon)
     model = run.prepare(module, max_steps, extra_state=controller)
-    trainer = PPOStep(cfg, run, model, reference, tokenizer, data, sources, weights, gold, controller,
-                      global_batch)
+    trainer = PPOStep(cfg, run, model, sampler, controller)
 
     def eval_fn(step: int) -> dict[str, float]:
         if not run.is_main:
@@ -279,37 +269,16 @@ def train_ppo(cfg: PPOConfig) -> dict[str, float]:
 class PPOStep:
     """One PPO step (rollout, advantages, epochs of minibatch updates, β update) as a callable for Run.train."""
 
-    def __init__(self, cfg: PPOConfig, run: Run, model: nn.Module, reference: Reference, tokenizer,
-                 data: PromptData, sources: dict, weights: list[float] | None, gold: dict,
-                 controller: KLController, global_batch: int):
-        self.cfg, self.run, self.model, self.reference = cfg, run, model, reference
-        self.tokenizer, self.data, self.sources, self.weights, self.gold = tokenizer, data, sources, weights, gold
-        self.controller, self.global_batch = controller, global_batch
-        self.pad_id = tokenizer.pad_token_id
-        self.eos_id = tokenizer.eos_token_id
+    def __init__(self, cfg: PPOConfig, run: Run, model: nn.Module, sampler: RolloutSampler,
+                 controller: KLController):
+        self.cfg, self.run, self.model, self.sampler, self.controller = cfg, run, model, sampler, controller
+        self.global_batch = cfg.per_device_train_batch_size * run.world
 
     # -- phase 1-2: rollout -----------------------------------------------------------------------------------
     def rollout(self, step: int) -> Rollout:
-        cfg, run = self.cfg, self.run
-        indices = global_batch_indices(step, len(self.data), self.global_batch, cfg.seed)
-        mine = split_micro_batches(indices, run.world, run.rank, 1)[0]
-        prompts, cols, ids, mask = self.data.batch(mine, self.pad_id, run.device)
-        net: PolicyAndValue = run.unwrap()
-        net.eval()
-        with torch.no_grad(), run.accelerator.autocast():
-            with run.timer("generation"):
-                samples = generate(net.policy.model, ids, mask, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                   cfg.top_k, self.eos_id, self.pad_id,
-                                   generator=make_generator(run.device, cfg.seed, step, run.rank))
-            return make_rollout(samples, self.tokenizer, prompts, cols, self.sources, self.weights,
-                                cfg.missing_eos_penalty, self.gold, ref_fn=self._ref_logprobs,
-                                value_fn=lambda r: self._values(net, r), timer=run.timer)
-
-    def _ref_logprobs(self, r: Rollout) -> Tensor:
-        from ..rollout import completion_logprobs
-
-        with self.reference.active() as ref:
-            return completion_logprobs(ref, r, self.cfg.temperature)[0]
+        """Sample, score, and add reference log-probabilities and the critic's values (the shared sampler)."""
+        net: PolicyAndValue = self.run.unwrap()
+        return self.sampler(step, net.policy.model, value_fn=lambda r: self._values(net, r))
 
     @staticmethod
     def _values(net: PolicyAndValue, r: Rollout) -> Tensor:
@@ -377,7 +346,8 @@ class PPOStep:
                     for key, v in stats.items():
                         sums[key] = sums.get(key, 0.0) + float(v)
                     n_micro += 1
-                grad_norms.append(self._optimizer_update())
+                # the schedule advances once per PPO step (in __call__), not once per update
+                grad_norms.append(apply_gradients(run, cfg.max_grad_norm))
                 updates += 1
                 (kl_sum,) = run.reduce_sum([mb_kl])
                 epoch_kl.append(kl_sum / max(n_tok, 1.0))
@@ -428,17 +398,6 @@ class PPOStep:
                 stats["entropy"] = ent_tok.sum()
                 stats["_entropy_count"] = torch.tensor(float(ent_tok.numel()))
         return stats
-
-    def _optimizer_update(self) -> float | None:
-        """Clip and apply the accumulated gradient without advancing the schedule (it advances once per PPO
-        step, so warmup and decay count PPO steps whatever the number of updates in each)."""
-        run = self.run
-        norm = None
-        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
-            norm = float(run.accelerator.clip_grad_norm_(run.model.parameters(), self.cfg.max_grad_norm))
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        return norm
 
 
 def _nan_to_zero(x: Tensor) -> Tensor:

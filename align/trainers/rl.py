@@ -210,6 +210,18 @@ class RolloutSampler:
             return completion_logprobs(ref, r, self.cfg.temperature)[0]
 
 
+def apply_gradients(run, max_grad_norm: float) -> float | None:
+    """Clip the accumulated gradient (max_grad_norm <= 0: no clipping), apply it with the run's optimizer and zero
+    it, *without* advancing the learning-rate schedule: RL stages that make several updates per batch of
+    rollouts advance the schedule once per step. Returns the gradient norm before clipping (None: not clipped)."""
+    norm = None
+    if max_grad_norm and max_grad_norm > 0:
+        norm = float(run.accelerator.clip_grad_norm_(run.model.parameters(), max_grad_norm))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def load_eval(cfg) -> tuple[Any, list[str]]:
     """(validated eval rows or None, reward functions to score them with: gold_reward_funcs, else reward_funcs)
     of an RL config."""
