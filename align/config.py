@@ -108,6 +108,9 @@ class RMConfig(BaseConfig):
     on_bad_pair: str = _f("error", "Rows with no preference to learn (chosen identical to rejected, identical "
                                    "responses in a ranked list, or all ranks equal): error stops before "
                                    "training; skip drops them and reports the count.", choices=("error", "skip"))
+    share_prompt: bool = _f(True, "Run each comparison's prompt once, its responses attending to it through a "
+                                  "4-D attention mask (same rewards as separate sequences, fewer tokens); off, "
+                                  "or with flash-attention: every response is a separate padded sequence.")
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}

@@ -107,6 +107,44 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return head(last).squeeze(-1).float()
 
 
+def scores_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+              rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Head outputs at chosen positions (rows, cols) (N,) of a forward with an explicit attention mask (2-D or a
+    prepared 4-D mask, see :func:`segment_attention_mask`) and position ids: (N,) float32."""
+    hidden, head = _hidden_states(model, input_ids, attention_mask, position_ids)
+    return head(hidden[rows, cols]).squeeze(-1).float()
+
+
+def supports_segment_mask(model: nn.Module) -> bool:
+    """Whether the model's attention accepts a custom 4-D mask (sdpa and eager do; flash-attention does not)."""
+    backbone, _ = scalar_parts(model)
+    impl = getattr(backbone.config, "_attn_implementation", None)
+    return impl in (None, "sdpa", "eager")
+
+
+def segment_attention_mask(segments: torch.Tensor, model: nn.Module, dtype: torch.dtype | None = None
+                           ) -> torch.Tensor:
+    """4-D attention mask (B, 1, T, T) for rows that hold one shared prefix followed by several branches.
+
+    ``segments`` (B, T) long: 0 for the shared prefix (a prompt), k >= 1 for the tokens of branch k (a
+    response), -1 for padding. Token i attends to token j <= i when j is in the prefix or in i's own branch, so
+    every branch sees exactly what it would see as a separate sequence ``prefix + branch`` (give it position ids
+    that continue the prefix's). Padding attends only to itself (finite, unused). Boolean (True = attend) for
+    sdpa; additive (0 / dtype min) for eager attention."""
+    t = segments.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    qi, kj = segments.unsqueeze(-1), segments.unsqueeze(-2)  # (B, T, 1), (B, 1, T)
+    allowed = causal & (kj >= 0) & ((kj == 0) | (kj == qi)) & (qi >= 0)
+    allowed = allowed | torch.eye(t, dtype=torch.bool, device=segments.device)
+    allowed = allowed.unsqueeze(1)
+    backbone, _ = scalar_parts(model)
+    if getattr(backbone.config, "_attn_implementation", None) == "eager":
+        dtype = dtype or next(backbone.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
 class ScalarModel(nn.Module):
     """``nn.Module`` wrapper whose forward returns sequence scores (B,) or, with ``per_token=True``, token
     values (B, T). Prepare this (not the transformers model) with accelerate so distributed hooks see the
@@ -117,7 +155,13 @@ class ScalarModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, per_token: bool = False,
+                select: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores (B,) at each row's last non-pad token; (B, T) with ``per_token``; (N,) at positions
+        ``select = (rows, cols)`` (then ``attention_mask`` may be a 4-D segment mask and ``position_ids`` must be
+        given)."""
+        if select is not None:
+            return scores_at(self.model, input_ids, attention_mask, position_ids, *select)
         fn = token_values if per_token else sequence_scores
         return fn(self.model, input_ids, attention_mask, position_ids)
 

@@ -200,6 +200,24 @@ def test_swapping_chosen_and_rejected_flips_the_sign(trained_rm, prefs_file, tmp
                                bradley_terry_loss(d, torch.zeros_like(d)) + d, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_shared_prompt_layout_gives_the_same_rewards(which, tiny_model_dir, gpt2_dir, tok):
+    from align.heads import ScalarModel
+    from align.trainers.reward import batch_rewards
+
+    rows = [{"prompt": "What is 12+34?", "chosen": "46", "rejected": "56"},
+            {"prompt": "What is 2+2?", "responses": ["4", "5", "22", "3"]},
+            {"prompt": "What is 99+99?", "chosen": "198", "rejected": "188"}]
+    comps, _ = tokenize_comparisons(Rows(rows, "x.jsonl", [1, 2, 3]), tok, max_length=32)
+    model = ScalarModel(load_scalar_model(tiny_model_dir if which == "llama" else gpt2_dir, pad_token_id=0)).eval()
+    separate, shared = collate(comps, tok.pad_token_id), collate(comps, tok.pad_token_id, share_prompt=True)
+    # the prompt runs once per comparison: 3 rows, and fewer tokens than 8 separate sequences
+    assert shared["input_ids"].shape[0] == 3 and shared["input_ids"].numel() < separate["input_ids"].numel()
+    with torch.no_grad():
+        torch.testing.assert_close(batch_rewards(model, shared, "cpu"), batch_rewards(model, separate, "cpu"),
+                                   atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -255,17 +273,18 @@ def test_trained_rm_reloads_with_transformers(trained_rm, prefs_file):
     assert hf.item() == pytest.approx(scorer(["What is 12+34?"], ["46"])[0], abs=1e-5)
 
 
-def test_gradient_accumulation_is_exact(tiny_model_dir, prefs_file, tmp_path):
+def test_gradient_accumulation_and_prompt_sharing_are_exact(tiny_model_dir, prefs_file, tmp_path):
     # 4 rows x 1 micro-batch == 2 rows x 2 micro-batches: same weights after two steps
     from safetensors.torch import load_file
 
     outs = []
-    for bs, acc in ((4, 1), (2, 2)):
+    # and the shared-prompt layout (default) == every response a separate sequence
+    for bs, acc, share in ((4, 1, "true"), (2, 2, "false")):
         out = str(tmp_path / f"bs{bs}")
         assert main(["rm", "--model", tiny_model_dir, "--train_data", prefs_file, "--output_dir", out,
                      "--max_steps", "2", "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps",
                      str(acc), "--learning_rate", "1e-3", "--max_length", "32", "--disable_tqdm", "true",
-                     "--logging_steps", "1"]) == 0
+                     "--logging_steps", "1", "--share_prompt", share]) == 0
         outs.append((load_file(out + "/model.safetensors"), [json.loads(ln) for ln in open(out + "/metrics.jsonl")]))
     (w1, m1), (w2, m2) = outs
     # the loss and the gradient norm (before clipping) see any mis-normalisation, which Adam's updates would hide

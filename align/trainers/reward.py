@@ -39,7 +39,7 @@ import torch
 from ..config import AlignError, RMConfig
 from ..data import Rows, batched, encode_completion, encode_prompt, global_batch_indices, is_chat, left_pad, \
     read_rows, require_text, split_micro_batches
-from ..heads import ScalarModel, apply_scalar_lora, load_scalar_model
+from ..heads import ScalarModel, apply_scalar_lora, load_scalar_model, segment_attention_mask, supports_segment_mask
 from ..losses import bradley_terry_loss
 from ..models import load_tokenizer
 from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
@@ -91,11 +91,14 @@ def ranked_pairs(ranks: Sequence[float]) -> list[tuple[int, int]]:
 
 @dataclass
 class Comparison:
-    """One row: the token ids (prompt + response + eos) of each response, and its (better, worse) pairs."""
+    """One row: the token ids (prompt + response + eos) of each response, and its (better, worse) pairs.
+    ``prompt_len`` > 0: every sequence starts with the same ``prompt_len`` prompt ids (lets a batch run the
+    prompt once, see :func:`collate`)."""
 
     sequences: list[list[int]]
     pairs: list[tuple[int, int]]
     margins: list[float] = field(default_factory=list)  # one per pair
+    prompt_len: int = 0
 
 
 def encode_response(tokenizer, prompt: Any, prompt_ids: list[int], response: Any) -> list[int]:
@@ -192,7 +195,7 @@ def tokenize_comparisons(data: Rows, tokenizer, max_length: int, margin_column: 
         margin = 0.0
         if margin_column and row.get(margin_column) is not None:
             margin = _number(data, i, margin_column, row[margin_column])
-        out.append(Comparison(seqs, pairs, [margin] * len(pairs)))
+        out.append(Comparison(seqs, pairs, [margin] * len(pairs), prompt_len=len(prompt_ids)))
     if not out:
         raise AlignError(f"{data.source}: no usable comparisons ({skipped} rows skipped)")
     return out, skipped
@@ -209,9 +212,14 @@ def load_comparisons(sources: str, split: str, tokenizer, cfg: RMConfig) -> tupl
     return comps, skipped
 
 
-def collate(comps: Sequence[Comparison], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch: every distinct response once, padded ((N, T) input_ids, attention_mask), and the pairs as
-    indices into it (better, worse, margins, pair_group (P,); response_group (N,))."""
+def collate(comps: Sequence[Comparison], pad_id: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """One batch: every distinct response once, and the pairs as indices into the N responses (better, worse,
+    margins, pair_group (P,); response_group (N,)).
+
+    Layout: each response a separate left-padded sequence (input_ids, attention_mask (N, T)); or, with
+    ``share_prompt`` (and every comparison's ``prompt_len`` known), one row per comparison holding its prompt
+    once followed by all its responses (input_ids, position_ids, segments (G, T); the reward of response n is
+    read at (rows[n], cols[n])), which runs the prompt's tokens once instead of K times."""
     seqs, better, worse, margins, pair_group, response_group = [], [], [], [], [], []
     for g, c in enumerate(comps):
         off = len(seqs)
@@ -222,17 +230,57 @@ def collate(comps: Sequence[Comparison], pad_id: int) -> dict[str, torch.Tensor]
             worse.append(off + b)
             margins.append(m)
             pair_group.append(g)
-    ids, att = left_pad(seqs, pad_id)
     long = dict(dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": att, "better": torch.tensor(better, **long),
+    if share_prompt and all(c.prompt_len > 0 for c in comps):
+        layout = _shared_prompt_rows(comps, pad_id)
+    else:
+        ids, att = left_pad(seqs, pad_id)
+        layout = {"input_ids": ids, "attention_mask": att}
+    return {**layout, "better": torch.tensor(better, **long),
             "worse": torch.tensor(worse, **long), "margins": torch.tensor(margins, dtype=torch.float32),
             "pair_group": torch.tensor(pair_group, **long), "response_group": torch.tensor(response_group, **long),
             "num_groups": len(comps)}
 
 
+def _shared_prompt_rows(comps: Sequence[Comparison], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows [prompt, response 1, ..., response K] (right-padded), segments 0 / k / -1 (prompt / response k /
+    pad), positions continuing the prompt's in every response, and where each response's last token is."""
+    width = max(c.prompt_len + sum(len(q) - c.prompt_len for q in c.sequences) for c in comps)
+    g = len(comps)
+    ids = torch.full((g, width), pad_id, dtype=torch.long)
+    seg = torch.full((g, width), -1, dtype=torch.long)
+    pos = torch.zeros((g, width), dtype=torch.long)
+    rows, cols = [], []
+    for r, c in enumerate(comps):
+        p = c.prompt_len
+        ids[r, :p] = torch.tensor(c.sequences[0][:p])
+        seg[r, :p] = 0
+        pos[r, :p] = torch.arange(p)
+        at = p
+        for k, q in enumerate(c.sequences):
+            n = len(q) - p
+            ids[r, at:at + n] = torch.tensor(q[p:])
+            seg[r, at:at + n] = k + 1
+            pos[r, at:at + n] = torch.arange(p, p + n)
+            at += n
+            rows.append(r)
+            cols.append(at - 1)
+    return {"input_ids": ids, "segments": seg, "position_ids": pos, "rows": torch.tensor(rows),
+            "cols": torch.tensor(cols)}
+
+
+def batch_rewards(model, batch: dict[str, Any], device) -> torch.Tensor:
+    """Rewards (N,) of a collated batch's responses, in either layout (see :func:`collate`)."""
+    if "segments" in batch:
+        mask = segment_attention_mask(batch["segments"].to(device), model)
+        return model(batch["input_ids"].to(device), mask, position_ids=batch["position_ids"].to(device),
+                     select=(batch["rows"].to(device), batch["cols"].to(device)))
+    return model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+
 def batch_loss(model, batch: dict[str, Any], device, center_coef: float) -> tuple[torch.Tensor, list[float]]:
-    """Summed loss of a collated batch and its metric sums [pairs, correct, Σr_c, Σr_c², Σr_w, Σr_w², Σloss]."""
-    rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    """Summed loss of a collated batch and its metric sums [pairs, correct, Σr_c, Σr_c², Σr_w, Σr_w²]."""
+    rewards = batch_rewards(model, batch, device)
     better, worse = batch["better"].to(device), batch["worse"].to(device)
     loss, per_pair = comparison_loss(rewards, better, worse, batch["margins"].to(device),
                                      batch["pair_group"].to(device), batch["response_group"].to(device),
@@ -299,6 +347,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
     rm = run.prepare(ScalarModel(model), max_steps)
     pad_id = tokenizer.pad_token_id
     coef = cfg.center_rewards_coefficient
+    share = cfg.share_prompt and supports_segment_mask(model)
 
     def step_fn(step: int) -> dict[str, float]:
         indices = global_batch_indices(step, len(train), global_batch, cfg.seed)
@@ -306,7 +355,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
         rm.train()
         loss_sum, sums = 0.0, [0.0] * 6
         for k, idx in enumerate(micro):
-            batch = collate([train[i] for i in idx], pad_id)
+            batch = collate([train[i] for i in idx], pad_id, share)
             with run.no_sync(last=k == len(micro) - 1), run.accelerator.autocast():
                 loss, s = batch_loss(rm, batch, run.device, coef)
                 # every row of the global batch weighs 1/global_batch; DDP averages over processes
@@ -320,7 +369,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
         return out
 
     def eval_fn(step: int) -> dict[str, float]:
-        return evaluate_comparisons(rm, evals, run, cfg.per_device_eval_batch_size, pad_id, coef)
+        return evaluate_comparisons(rm, evals, run, cfg.per_device_eval_batch_size, pad_id, coef, share)
 
     metrics = run.train(step_fn, eval_fn if evals else None)
     save_final(run, run.unwrap().model, tokenizer)
@@ -330,14 +379,14 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_comparisons(model, comps: list[Comparison], run: Run, batch_size: int, pad_id: int,
-                         center_coef: float = 0.0) -> dict[str, float]:
+                         center_coef: float = 0.0, share_prompt: bool = False) -> dict[str, float]:
     """eval_loss, eval_accuracy and reward statistics over `comps`, sharded over processes."""
     model.eval()
     mine = comps[run.rank::run.world]
     loss_sum, sums = 0.0, [0.0] * 6
     for chunk in batched(mine, batch_size):
         with run.accelerator.autocast():
-            loss, s = batch_loss(model, collate(list(chunk), pad_id), run.device, center_coef)
+            loss, s = batch_loss(model, collate(list(chunk), pad_id, share_prompt), run.device, center_coef)
         loss_sum += float(loss)
         sums = [a + b for a, b in zip(sums, s)]
     loss_sum, *sums = run.reduce_sum([loss_sum] + sums)
