@@ -324,8 +324,9 @@ class PPOConfig(RLConfig):
                                "its tokens) for kl_to=ref, nats per token for kl_to=old (as in the PPO paper).")
     kl_horizon: int = _f(10000, "Horizon (in rollouts) of the adaptive controller.")
     value_model: str = _f("", "Critic: a model directory or hub id (a reward model keeps its head, a causal LM "
-                              "gets a new one), 'policy' for a value head on the policy's trunk; default: "
-                              "reward_model when set, else model.")
+                              "gets a new one), or 'policy' for a value head on the policy's trunk (half the "
+                              "compute, but the value loss then trains the policy's weights too: keep rewards "
+                              "near unit scale or vf_coef small); default: reward_model when set, else model.")
 
 
 STAGE_CONFIGS["ppo"] = PPOConfig
