@@ -19,6 +19,16 @@ from align.rollout import Rollout, generate, logprobs_from_selected, scatter_tok
 from align.trainers.ppo import PolicyAndValue, per_token_rewards, ppo_advantages, ppo_loss, token_kl
 from conftest import addition_rows, write_jsonl
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread gains nothing and, on a shared machine, OpenMP threads
+    waiting for a busy core slow every op down many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",
         "--per_device_train_batch_size", "4", "--max_length", "32", "--learning_rate", "1e-3"]
 
@@ -235,6 +245,32 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_model_dir, prompt
     assert rows[0]["kl"] == 0.0  # LoRA starts as the identity, so the first rollout has exactly zero KL
     assert rows[1]["kl"] != 0.0
     assert os.path.isfile(os.path.join(out, "adapter_config.json"))
+
+
+@pytest.mark.parametrize("variant", ["clip", "fixed_penalty", "adaptive_penalty", "neither"])
+def test_ppo_paper_variants_are_settings(tiny_model_dir, prompts_file, tmp_path, variant):
+    settings = {
+        "clip": ["--beta", "0"],
+        "fixed_penalty": ["--use_clipping", "false", "--kl_in", "loss", "--kl_to", "old", "--beta", "0.5"],
+        "adaptive_penalty": ["--use_clipping", "false", "--kl_in", "loss", "--kl_to", "old", "--beta", "0.5",
+                             "--kl_controller", "doubling", "--target_kl", "0.001"],
+        "neither": ["--use_clipping", "false", "--beta", "0"],
+    }[variant]
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / variant, "--max_steps", "3", "--reward_funcs",
+              "format_digits,length_penalty", "--value_model", "policy", "--num_ppo_epochs", "2", *settings)
+    rows = metrics(out)
+    if variant != "clip":
+        assert all(r["clip_frac"] == 0.0 for r in rows)
+    if variant in ("fixed_penalty", "adaptive_penalty"):
+        assert all("kl_penalty" in r for r in rows)
+    betas = [r["beta"] for r in rows]
+    if variant == "adaptive_penalty":
+        # the PPO paper's rule on the per-token KL(pi_old || pi) measured in each step's last epoch
+        for r, nxt in zip(rows, betas[1:]):
+            kl, b = r["approx_kl_last_epoch"], r["beta"]
+            assert nxt == pytest.approx(b * 2 if kl > 0.0015 else b / 2 if kl < 0.001 / 1.5 else b)
+    else:
+        assert len(set(betas)) == 1
 
 
 @pytest.mark.parametrize("extra,message", [
