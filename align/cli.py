@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
               "add a reward column to a data file with a reward model"),
     "ppo": ("align.config:PPOConfig", "align.trainers.ppo:train_ppo",
             "PPO with a value model, GAE and a KL penalty to a frozen reference"),
+    "grpo": ("align.config:GRPOConfig", "align.trainers.grpo:train_grpo",
+             "GRPO: group-relative advantages, no value model; iterative GRPO with reward-model replay"),
     "trpo": ("align.config:TRPOConfig", "align.trainers.trpo:train_trpo",
              "TRPO: natural-gradient steps inside a KL trust region, with a backtracking line search"),
     "reinforce": ("align.config:ReinforceConfig", "align.trainers.reinforce:train_reinforce",

@@ -411,3 +411,62 @@ class TRPOConfig(PolicyGradientConfig):
 
 STAGE_CONFIGS["reinforce"] = ReinforceConfig
 STAGE_CONFIGS["trpo"] = TRPOConfig
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO (Shao et al. 2024): num_generations completions per prompt, advantages relative to the prompt's group,
+    the clipped ratio objective with an optional k3 KL to a reference in the loss; no value model.
+
+    Batch sizes count completions, as in TRL: a step samples per_device_train_batch_size x
+    gradient_accumulation_steps completions per process (that many / num_generations prompts, each prefilled once
+    and its KV cache expanded to the group), then makes num_iterations optimizer updates on them, each over all of
+    them in gradient_accumulation_steps micro-batches. The learning-rate schedule counts steps (rollout batches),
+    so max_steps counts rollout batches as in PPO (with num_iterations=1 it is also TRL's optimizer-step count).
+
+    Iterative GRPO (DeepSeekMath, Algorithm 1): ref_update_every resets the reference to the current policy;
+    rm_update keeps the reward model training on comparisons ranked by rm_label_funcs within each group, mixed
+    with replayed original comparisons."""
+
+    per_device_train_batch_size: int = _f(16, "Completions (not prompts) per process per micro-batch, as in TRL; "
+                                              "a multiple of num_generations.")
+    num_generations: int = _f(8, "Completions sampled per prompt: the group size G (>= 2).")
+    beta: float = _f(0.0, "Coefficient of the KL(pi || pi_ref) term in the loss; 0 (TRL's default) loads no "
+                          "reference model at all. DeepSeekMath used 0.04.")
+    kl_estimator: str = _f("k3", "Per-token KL estimator in the loss: k3 (r - 1 - log r, GRPO's), k1 or k2.",
+                           choices=("k1", "k2", "k3"))
+    epsilon: float = _f(0.2, "Lower clip range of the ratio: clip(ratio, 1 - epsilon, 1 + epsilon_high).")
+    epsilon_high: float = _f(0.0, "Upper clip range (DAPO's clip-higher, e.g. 0.28); 0 means equal to epsilon.")
+    num_iterations: int = _f(1, "Optimizer updates per batch of rollouts (mu); the ratio's denominator stays the "
+                                "log-probabilities recorded while sampling.")
+    loss_type: str = _f("dapo", "How per-token losses are averaged (TRL names, or our aggregate modes): dapo = "
+                                "token-mean over the step's batch; grpo = seq-mean-token-mean; dr_grpo = "
+                                "seq-mean-token-sum-norm (sum over tokens / max_new_tokens, mean over "
+                                "sequences); or token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+                                "seq-mean-token-sum-norm.",
+                        choices=("dapo", "grpo", "dr_grpo", "token-mean", "seq-mean-token-mean",
+                                 "seq-mean-token-sum", "seq-mean-token-sum-norm"))
+    advantage: str = _f("zscore", "Group-relative advantage: zscore (R - mean) / (std + 1e-4) (DeepSeekMath); "
+                                  "mean R - mean (Dr. GRPO); softmax exp(b R_i) / sum_j exp(b R_j) - 1/G with "
+                                  "b = softmax_beta; leave_one_out R_i - mean of the others (RLOO).",
+                        choices=("zscore", "mean", "softmax", "leave_one_out"))
+    scale_rewards: str = _f("group", "Std that divides zscore advantages: group (each group's), batch (the whole "
+                                     "step's rewards, all processes), none (no division: the same as "
+                                     "advantage=mean). Other advantages take group or none.",
+                            choices=("group", "batch", "none"))
+    softmax_beta: float = _f(1.0, "Temperature beta of advantage=softmax (larger: sharper weight on the best).")
+    ref_update_every: int = _f(0, "Iterative GRPO: every N steps the reference becomes the current policy "
+                                  "(needs beta > 0); 0 never.")
+    rm_update: bool = _f(False, "Iterative GRPO: keep training reward_model during RL on comparisons made from "
+                                "each group (completions that rm_label_funcs rank apart), one AdamW step per "
+                                "RL step; the trained model is saved in output_dir/reward_model.")
+    rm_label_funcs: list = _f([], "Verifier / gold functions that rank a group's completions for new reward-model "
+                                  "comparisons (e.g. exact_match); default: gold_reward_funcs.")
+    rm_replay_data: str = _f("", "Original comparisons (prompt+chosen+rejected or ranked responses; comma-"
+                                 "separated files) replayed in every reward-model update.")
+    rm_replay_ratio: float = _f(0.1, "Fraction of each reward-model update's comparisons drawn from "
+                                     "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).")
+    rm_learning_rate: float = _f(1e-5, "Learning rate of the reward model's AdamW during rm_update.")
+
+
+STAGE_CONFIGS["grpo"] = GRPOConfig
