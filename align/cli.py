@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
             "PPO with a value model, GAE and a KL penalty to a frozen reference"),
     "grpo": ("align.config:GRPOConfig", "align.trainers.grpo:train_grpo",
              "GRPO: group-relative advantages, no value model; iterative GRPO with reward-model replay"),
+    "pipeline": ("align.pipeline:PipelineConfig", "align.pipeline:run_pipeline",
+                 "SFT -> RM -> PPO/GRPO on recipes, evaluated, with report.md and curves.png"),
     "trpo": ("align.config:TRPOConfig", "align.trainers.trpo:train_trpo",
              "TRPO: natural-gradient steps inside a KL trust region, with a backtracking line search"),
     "reinforce": ("align.config:ReinforceConfig", "align.trainers.reinforce:train_reinforce",

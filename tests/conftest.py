@@ -12,6 +12,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Tiny models (hidden <= 64) run fastest on one thread, and one thread per process keeps the suite from
+# oversubscribing a 2-core machine when a test starts subprocesses.
+torch.set_num_threads(1)
+
 
 def write_jsonl(path, rows) -> str:
     with open(path, "w", encoding="utf-8") as fh:

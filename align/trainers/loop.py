@@ -178,6 +178,8 @@ class Run:
 
         self.cfg = cfg
         self.stage = stage
+        if getattr(cfg, "num_threads", 0) > 0:
+            torch.set_num_threads(cfg.num_threads)
         self.weights_dtype, mixed = resolve_dtype(cfg.dtype)
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
