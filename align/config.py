@@ -388,7 +388,9 @@ class TRPOConfig(PolicyGradientConfig):
     alone); its trainable parameters are all of them, or the LoRA adapters with use_lora."""
 
     learning_rate: float = _f(1e-4, "Peak learning rate of the critic's AdamW (the policy takes TRPO steps).")
-    whiten_advantages: bool = _f(True, "Normalise Psi to mean 0, std 1 over the batch's tokens.")
+    whiten_advantages: bool = _f(False, "Normalise Psi to mean 0, std 1 over the batch's tokens. The TRPO step "
+                                        "does not depend on Psi's scale (delta sets the length), only the mean "
+                                        "shift changes it.")
     loss_agg: str = _f("token-mean", "How the surrogate averages its tokens (the KL constraint is always a "
                                      "token mean): token-mean, seq-mean-token-mean, seq-mean-token-sum or "
                                      "seq-mean-token-sum-norm.",
