@@ -5,13 +5,18 @@ runs on a machine without internet access.
 
 Tokenizer
     One token per character: a byte-level BPE with no merges whose vocabulary holds all 256 byte symbols, so
-    every ASCII character is one token and other text falls back to one token per UTF-8 byte. Special tokens::
+    every ASCII character is one token (digits, letters, space, newline, tab and punctuation get the low ids
+    7..103) and other text falls back to one token per UTF-8 byte. 263 tokens in all. Special tokens::
 
         id 0 <pad>   id 1 <bos>   id 2 <eos>   id 3 <unk>
         id 4 <|system|>   id 5 <|user|>   id 6 <|assistant|>
 
+    The byte-level form (space is the symbol 'Ġ' inside the vocabulary) is there for one reason:
+    ``AutoTokenizer.from_pretrained`` rebuilds any saved qwen2 tokenizer as ``Qwen2Tokenizer``, whose pipeline
+    is byte-level; ours is that same pipeline, so every architecture's saved tokenizer encodes identically.
+
     No token is added automatically: ``tok("What is 47+38?")["input_ids"]`` has exactly 14 ids, and
-    ``decode(encode(x)) == x`` for any text made of vocabulary characters. ``<bos>`` exists (and is set as
+    ``decode(encode(x)) == x`` for any NFC-normalised text (all ASCII text). ``<bos>`` exists (and is set as
     ``bos_token``) for code that wants one, but a plain prompt + completion never needs it, and a BOS that
     appears only sometimes would make prompt encodings differ between data paths. ``padding_side`` is left at
     the library default (right); code that generates sets it to left itself.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import os
 import string
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +52,8 @@ __all__ = [
     "build_config",
     "build_model",
     "save_tiny_model",
+    "TinyModelConfig",
+    "run_tiny_model",
 ]
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -219,3 +227,49 @@ def save_tiny_model(output_dir: str | os.PathLike, arch: str = "llama", **model_
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _help(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TinyModelConfig:
+    """`align tiny-model`: build the built-in tiny model and its tokenizer offline and save them."""
+
+    output_dir: str = _help("", "Folder to save the model and tokenizer into (save_pretrained, safetensors).")
+    arch: str = _help(DEFAULT_TINY["arch"], f"Architecture: one of {', '.join(ARCHS)}.", choices=ARCHS)
+    hidden_size: int = _help(DEFAULT_TINY["hidden_size"], "Width of the residual stream (n_embd for gpt2).")
+    num_layers: int = _help(DEFAULT_TINY["num_layers"], "Number of transformer blocks.")
+    num_heads: int = _help(DEFAULT_TINY["num_heads"], "Attention heads; must divide hidden_size.")
+    intermediate_size: int = _help(DEFAULT_TINY["intermediate_size"], "MLP width; 0 means 4 * hidden_size.")
+    max_position_embeddings: int = _help(DEFAULT_TINY["max_position_embeddings"],
+                                         "Longest sequence the model is configured for.")
+    seed: int = _help(0, "Seed of the random initialisation.")
+
+
+def run_tiny_model(cfg: TinyModelConfig) -> dict[str, Any]:
+    """CLI runner: save the tiny model described by ``cfg``; returns the path and the parameter count."""
+    from .config import AlignError
+
+    if not cfg.output_dir:
+        raise AlignError("tiny-model: output_dir is required (--output_dir DIR)")
+    if cfg.arch not in ARCHS:
+        raise AlignError(f"tiny-model: field 'arch': {cfg.arch!r} is not one of {', '.join(ARCHS)}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise AlignError(f"tiny-model: hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
+    path = save_tiny_model(cfg.output_dir, arch=cfg.arch, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                           num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size or None,
+                           max_position_embeddings=cfg.max_position_embeddings, seed=cfg.seed)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        n_params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {"output_dir": path, "arch": cfg.arch, "num_parameters": n_params}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -135,6 +135,20 @@ def test_default_tiny_and_bad_args(tok):
         build_model(tok, hidden_size=30, num_heads=4)
 
 
+def test_tiny_model_cli(tmp_path, capsys):
+    from align.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["tiny-model", "--output_dir", str(out), "--arch", "gpt2", "--hidden_size", "32",
+                 "--num_heads", "4", "--intermediate_size", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model.config.model_type == "gpt2" and model.config.n_inner == 128  # 0 -> 4 * hidden_size
+    assert printed["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert main(["tiny-model"]) == 2  # output_dir is required
+    assert main(["tiny-model", "--output_dir", str(tmp_path / "x"), "--hidden_size", "30"]) == 2
+
+
 # ---------------------------------------------------------------- task
 
 
