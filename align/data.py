@@ -77,22 +77,8 @@ def read_rows(source: str, split: str = "train") -> Rows:
 
 
 def _read_jsonl(path: str) -> Rows:
-    rows, numbers = [], []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise AlignError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise AlignError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
-            numbers.append(lineno)
-    if not rows:
-        raise AlignError(f"{path}: no rows")
-    return Rows(rows, path, numbers)
+        return _read_jsonl_text(path, fh.read())
 
 
 def _read_json(path: str) -> Rows:
@@ -116,6 +102,7 @@ def _read_json(path: str) -> Rows:
 
 
 def _read_jsonl_text(path: str, text: str) -> Rows:
+    """Rows of JSON-lines text; blank lines are skipped, errors name the 1-based line."""
     rows, numbers = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -125,9 +112,11 @@ def _read_jsonl_text(path: str, text: str) -> Rows:
         except json.JSONDecodeError as e:
             raise AlignError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise AlignError(f"{path}: line {lineno}: expected a JSON object")
+            raise AlignError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
         rows.append(obj)
         numbers.append(lineno)
+    if not rows:
+        raise AlignError(f"{path}: no rows")
     return Rows(rows, path, numbers)
 
 
