@@ -141,6 +141,19 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
         raise AlignError(f"lora_target_modules {target_modules}: {_first_line(e)}") from None
 
 
+def make_trainable(model, gradient_checkpointing: bool, lora=None):
+    """Turn on gradient checkpointing (non-reentrant, no KV cache) and wrap with `lora(model)` when given;
+    with both, the inputs require grad so checkpointed blocks stay on the graph. Returns the model to train."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = lora(model)
+    return model
+
+
 def unwrap_peft(model):
     """The transformers model under a peft wrapper (adapters stay injected), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -174,7 +174,6 @@ class Run:
 
     def __init__(self, cfg, stage: str):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration  # noqa: F401  (imported for version check)
 
         self.cfg = cfg
         self.stage = stage

@@ -34,7 +34,7 @@ from ..heads import apply_scalar_lora, load_scalar_model, token_values
 from ..kl_control import KLController
 from ..losses import (aggregate, clipped_surrogate_loss, entropy_from_logits, explained_variance, kl_estimate,
                       masked_mean, masked_whiten, value_loss)
-from ..models import SelectiveLM, lm_parts, load_tokenizer
+from ..models import SelectiveLM, lm_parts, load_tokenizer, make_trainable
 from ..rollout import Rollout, logprobs_from_selected, make_generator, scatter_tokens, sequence_inputs
 from .loop import Run, check_output_dir, resolve_max_steps, seed_everything
 from .rl import (Reference, RolloutSampler, apply_gradients, check_rl_config, disable_dropout, gold_sources,
@@ -192,12 +192,9 @@ def build_critic(cfg: PPOConfig, tokenizer, dtype: torch.dtype, policy: nn.Modul
         raise AlignError(f"value_model {choice}: vocabulary of {n_critic} tokens, the policy has {n_policy}; "
                          f"the critic reads the policy's token ids, so it must share its tokenizer")
     disable_dropout(critic)
-    if cfg.gradient_checkpointing:
-        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.use_lora:
-        if cfg.gradient_checkpointing:
-            critic.enable_input_require_grads()
-        critic = apply_scalar_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    lora = (lambda m: apply_scalar_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            ) if cfg.use_lora else None
+    critic = make_trainable(critic, cfg.gradient_checkpointing, lora)
     return critic, None
 
 

@@ -41,7 +41,7 @@ from ..data import Rows, batched, encode_completion, encode_prompt, global_batch
     read_rows, require_text, split_micro_batches
 from ..heads import ScalarModel, apply_scalar_lora, load_scalar_model, segment_attention_mask, supports_segment_mask
 from ..losses import bradley_terry_loss
-from ..models import load_tokenizer
+from ..models import load_tokenizer, make_trainable
 from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,14 +315,9 @@ def prepare_model(cfg: RMConfig, tokenizer, weights_dtype):
     """The scalar model from cfg.model (new head from cfg.seed), with gradient checkpointing / LoRA if asked."""
     model = load_scalar_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code,
                               seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.use_lora:
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = apply_scalar_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    return model
+    lora = (lambda m: apply_scalar_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            ) if cfg.use_lora else None
+    return make_trainable(model, cfg.gradient_checkpointing, lora)
 
 
 def train_rm(cfg: RMConfig) -> dict[str, float]:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from ..config import SFTConfig
 from ..data import (IGNORE_INDEX, SFTExample, batched, global_batch_indices, pack_examples, pad_examples, read_rows,
                     split_micro_batches, tokenize_sft)
-from ..models import SelectiveLM, apply_lora, load_causal_lm, load_tokenizer, sync_special_tokens
+from ..models import (SelectiveLM, apply_lora, load_causal_lm, load_tokenizer, make_trainable,
+                      sync_special_tokens)
 from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
 
 
@@ -40,14 +41,9 @@ def prepare_model(cfg, tokenizer, weights_dtype):
     """Load the causal LM, align its special tokens with the tokenizer, and add LoRA / checkpointing."""
     model = load_causal_lm(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
     sync_special_tokens(model, tokenizer)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.use_lora:
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    return model
+    lora = (lambda m: apply_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            ) if cfg.use_lora else None
+    return make_trainable(model, cfg.gradient_checkpointing, lora)
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
