@@ -97,9 +97,11 @@ CHAT_TEMPLATE = (
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "phi")
 
-# Size of the built-in pipeline model, chosen by the SFT experiment on the addition task (see data/README.md):
-# on 2 CPU cores it learns 2-digit addition, including the demonstrator's forgotten-carry error, in well under a
-# minute of SFT.
+# Size of the built-in pipeline model (165k parameters), chosen by the SFT experiment on the addition task (numbers
+# in data/README.md). With SFT on data/addition/sft.jsonl at learning_rate 3e-3, batch 64, 50 warmup steps and a
+# cosine decay, it learns 2-digit addition, with the demonstrator's forgotten carry, within 500-900 steps in every
+# seed tried; 1500 steps leave a margin. 8 heads (head_dim 8) matter: with 4 heads the same run learned later
+# (about 1000 steps) and one seed in three not within 2000 steps; 3 layers or a 128-wide MLP were no faster.
 DEFAULT_TINY: dict[str, Any] = dict(
     arch="llama",
     hidden_size=64,
