@@ -124,7 +124,7 @@ def generate_task(
     p_forget: float = P_FORGET,
     n_eval: int = 500,
     n_sft: int = 4000,
-    n_prefs: int = 2000,
+    n_prefs: int = 7600,
     n_ranked: int = 1000,
     n_rl: int = 1000,
     k_ranked: int = 4,
