@@ -176,7 +176,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     for s in cfg.rl_stages:
         report["stages"][s]["gain_over_sft"] = report["stages"][s]["accuracy"] - sft_acc
     if cfg.plot:
-        report["plot"] = plot_curves({s: dirs[s] for s in cfg.rl_stages}, os.path.join(root, "curves.png"))
+        report["plot"] = plot_curves({s: dirs[s] for s in cfg.rl_stages}, os.path.join(root, "curves.png"),
+                                     start_accuracy=sft_acc)
     md = render_report(report)
     with open(os.path.join(root, "report.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
@@ -212,8 +213,9 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(stage_dirs: dict[str, str], path: str) -> str | None:
-    """Reward (proxy and gold), KL and held-out accuracy over steps, one row per RL stage."""
+def plot_curves(stage_dirs: dict[str, str], path: str, start_accuracy: float | None = None) -> str | None:
+    """Reward (proxy and gold), KL and held-out accuracy over steps, one row per RL stage; ``start_accuracy``
+    (the SFT model's, where the RL stages start) is drawn as a dotted line on the accuracy plots."""
     if not stage_dirs:
         return None
     try:
@@ -245,8 +247,10 @@ def plot_curves(stage_dirs: dict[str, str], path: str) -> str | None:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
                 ax[2].plot(*zip(*pts), marker="o", label=key)
+        if start_accuracy is not None:
+            ax[2].axhline(start_accuracy, ls=":", color="gray", label=f"start (SFT): {start_accuracy:.1%}")
         ax[2].set_title(f"{stage}: held-out accuracy (greedy)")
-        if acc_keys:
+        if acc_keys or start_accuracy is not None:
             ax[2].legend(fontsize=8)
         for a in ax:
             a.set_xlabel("step")
