@@ -2,7 +2,6 @@
 save, and the result generates through `align eval`."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from align.config import AlignError
 from align.data import (IGNORE_INDEX, SFTExample, global_batch_indices, pack_examples, pad_examples, read_rows,

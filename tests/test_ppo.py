@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main
-from align.config import AlignError
 from align.data import encode_prompt, left_pad
 from align.kl_control import KLController
 from align.models import load_causal_lm, load_tokenizer

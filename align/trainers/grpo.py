@@ -42,10 +42,10 @@ from ..losses import (AGGREGATIONS, aggregate, aggregate_count, clipped_surrogat
 from ..models import SelectiveLM, _final_logits, frozen_dtype, lm_parts, load_tokenizer, unwrap_peft
 from ..rewards import load_function
 from ..rollout import Rollout, logprobs_from_selected, make_generator, position_ids_from_mask, sequence_inputs
-from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
+from .loop import Run, resolve_max_steps, save_final, seed_everything
 from .ppo import chunks
 from .rl import (REWARD_MODEL_NAME, Reference, RolloutSampler, apply_gradients, check_rl_config, disable_dropout,
-                 gold_sources, greedy_eval, load_eval, load_prompt_data, reward_sources, source_name)
+                 gold_sources, greedy_eval, load_rl_inputs, reward_sources, source_name)
 from .sft import prepare_model
 
 Tensor = torch.Tensor
@@ -440,12 +440,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, float]:
     """Run GRPO as configured; returns the last logged metrics. Writes nothing before all input is valid."""
     import os
 
-    check_output_dir(cfg)
-    check_grpo_config(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split), tokenizer, cfg.max_length,
-                            cfg.max_new_tokens)
-    eval_rows, eval_funcs = load_eval(cfg)
+    tokenizer, data, eval_rows, eval_funcs = load_rl_inputs(cfg, check_grpo_config)
     replay = load_replay(cfg)
 
     seed_everything(cfg.seed)

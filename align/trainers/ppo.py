@@ -29,16 +29,15 @@ from torch import nn
 
 from ..advantages import gae
 from ..config import AlignError, PPOConfig
-from ..data import read_rows
 from ..heads import apply_scalar_lora, load_scalar_model, token_values
 from ..kl_control import KLController
 from ..losses import (aggregate, clipped_surrogate_loss, entropy_from_logits, explained_variance, kl_estimate,
                       masked_mean, masked_whiten, value_loss)
-from ..models import SelectiveLM, lm_parts, load_tokenizer, make_trainable
+from ..models import SelectiveLM, lm_parts, make_trainable
 from ..rollout import Rollout, logprobs_from_selected, make_generator, scatter_tokens, sequence_inputs
-from .loop import Run, check_output_dir, resolve_max_steps, seed_everything
+from .loop import Run, resolve_max_steps, seed_everything
 from .rl import (Reference, RolloutSampler, apply_gradients, check_rl_config, disable_dropout, gold_sources,
-                 greedy_eval, load_eval, load_prompt_data, reward_sources)
+                 greedy_eval, load_rl_inputs, reward_sources)
 from .sft import prepare_model
 
 Tensor = torch.Tensor
@@ -228,12 +227,7 @@ def check_ppo_config(cfg: PPOConfig) -> None:
 
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:
     """Run PPO as configured; returns the last logged metrics. Writes nothing before all input is valid."""
-    check_output_dir(cfg)
-    check_ppo_config(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split), tokenizer, cfg.max_length,
-                            cfg.max_new_tokens)
-    eval_rows, eval_funcs = load_eval(cfg)
+    tokenizer, data, eval_rows, eval_funcs = load_rl_inputs(cfg, check_ppo_config)
 
     seed_everything(cfg.seed)
     run = Run(cfg, "ppo")

@@ -24,15 +24,14 @@ from torch import nn
 
 from ..advantages import discounted_returns, gae, policy_gradient_psi, reward_to_go, sequence_baseline
 from ..config import AlignError, PolicyGradientConfig, ReinforceConfig
-from ..data import read_rows
 from ..losses import (aggregate_count, entropy_from_logits, explained_variance, masked_mean, masked_whiten,
                       policy_gradient_loss, value_loss)
-from ..models import SelectiveLM, load_tokenizer
+from ..models import SelectiveLM
 from ..rollout import Rollout, logprobs_from_selected, scatter_tokens, sequence_inputs
-from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
+from .loop import Run, resolve_max_steps, save_final, seed_everything
 from .ppo import PolicyAndValue, PPOStep, build_critic, chunks, per_token_rewards, save_outputs, token_kl
 from .rl import (Reference, RolloutSampler, check_rl_config, disable_dropout, gold_sources, greedy_eval,
-                 load_eval, load_prompt_data, reward_sources)
+                 load_rl_inputs, reward_sources)
 from .sft import prepare_model
 
 Tensor = torch.Tensor
@@ -228,12 +227,7 @@ def run_pg_stage(cfg: PolicyGradientConfig, stage: str, check: Callable[[Any], N
                  make_step: Callable[..., Callable[[int], dict[str, float]]]) -> dict[str, float]:
     """Load, validate, train and save a policy-gradient stage (REINFORCE or TRPO); `make_step(cfg, run, model,
     sampler)` gives the step. Writes nothing before all input is valid. Returns the last logged metrics."""
-    check_output_dir(cfg)
-    check(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split), tokenizer, cfg.max_length,
-                            cfg.max_new_tokens)
-    eval_rows, eval_funcs = load_eval(cfg)
+    tokenizer, data, eval_rows, eval_funcs = load_rl_inputs(cfg, check)
 
     seed_everything(cfg.seed)
     run = Run(cfg, stage)

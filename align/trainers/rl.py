@@ -13,8 +13,9 @@ from torch import nn
 
 from ..config import AlignError
 from ..data import Rows, encode_prompt, left_pad, read_rows, require_text
-from ..models import SelectiveLM, frozen_dtype, load_causal_lm, sync_special_tokens
+from ..models import SelectiveLM, frozen_dtype, load_causal_lm, load_tokenizer, sync_special_tokens
 from ..rewards import load_function
+from .loop import check_output_dir
 
 REWARD_MODEL_NAME = "reward_model"
 
@@ -220,6 +221,19 @@ def apply_gradients(run, max_grad_norm: float) -> float | None:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, Any, list[str]]:
+    """Everything an RL stage reads before it builds a model, validated in this order: output_dir, the config
+    (``check``), the tokenizer, the training prompts, the eval rows; so bad input stops the run before anything
+    is written. Returns (tokenizer, prompt data, eval rows or None, eval reward functions)."""
+    check_output_dir(cfg)
+    check(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split), tokenizer, cfg.max_length,
+                            cfg.max_new_tokens)
+    eval_rows, eval_funcs = load_eval(cfg)
+    return tokenizer, data, eval_rows, eval_funcs
 
 
 def load_eval(cfg) -> tuple[Any, list[str]]:
