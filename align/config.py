@@ -37,6 +37,8 @@ class BaseConfig:
     eval_data: str = _f("", "Optional evaluation data, same formats as train_data.")
     train_split: str = _f("train", "Split to read when train_data is a hub dataset id.")
     eval_split: str = _f("test", "Split to read when eval_data is a hub dataset id.")
+    column_map: dict = _f({}, "Rename data columns on reading, {our name: the data's name}, e.g. "
+                                 "{prompt: question, answer: final_answer} for a hub data set with other names.")
     output_dir: str = _f("", "Where the final model, metrics.jsonl and checkpoints/ are written.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (other than resuming).")
     seed: int = _f(0, "Random seed for data order, initialisation of new heads and sampling.")

@@ -13,6 +13,7 @@ line for JSONL files, 1-based row otherwise) and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -33,18 +34,46 @@ class Rows:
     rows: list[dict[str, Any]]
     source: str  # file path or hub id
     row_numbers: list[int]  # 1-based line (JSONL) or row number of each entry
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # our column name -> the data's
 
     def where(self, i: int, field: str | None = None) -> str:
         unit = "line" if self.source.endswith(".jsonl") else "row"
-        f = f", field '{field}'" if field else ""
+        f = f", field '{self.renamed.get(field, field)}'" if field else ""
         return f"{self.source}: {unit} {self.row_numbers[i]}{f}"
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def read_rows(source: str, split: str = "train") -> Rows:
-    """Read a local jsonl/json/parquet/csv file, or a dataset from the hub, into a list of dicts."""
+def read_rows(source: str, split: str = "train", column_map: dict[str, str] | None = None) -> Rows:
+    """Read a local jsonl/json/parquet/csv file, or a dataset from the hub, into a list of dicts.
+
+    ``column_map`` renames columns on reading, ``{our name: the data's name}`` (e.g. ``{"prompt": "question"}``
+    for a data set whose prompts are in a ``question`` column); errors about a renamed field name the data's
+    column, as the user sees it in the file."""
+    rows = _read_rows(source, split)
+    return rename_columns(rows, column_map) if column_map else rows
+
+
+def rename_columns(data: Rows, column_map: dict[str, str]) -> Rows:
+    """``data`` with the data's column ``column_map[ours]`` renamed to ``ours`` in every row. A mapped column
+    that no row has is an error naming the columns there are."""
+    seen: set[str] = set()
+    for row in data.rows:
+        seen.update(row)
+    for ours, theirs in column_map.items():
+        if not isinstance(theirs, str) or not isinstance(ours, str):
+            raise AlignError(f"column_map: expected names, got {ours!r}: {theirs!r}")
+        if theirs not in seen:
+            raise AlignError(f"{data.source}: column_map: no column '{theirs}' to use as '{ours}' "
+                             f"(columns: {', '.join(sorted(seen))})")
+    back = {theirs: ours for ours, theirs in column_map.items()}
+    rows = [{back.get(k, k): v for k, v in row.items() if not (k in column_map and k not in back)}
+            for row in data.rows]
+    return Rows(rows, data.source, data.row_numbers, {**data.renamed, **column_map})
+
+
+def _read_rows(source: str, split: str) -> Rows:
     if not source:
         raise AlignError("no data given (set train_data / --data)")
     if source.endswith(LOCAL_SUFFIXES) or os.path.exists(source):

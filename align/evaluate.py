@@ -29,6 +29,8 @@ class EvalConfig:
     data: str = _f("", "Prompt data (jsonl/json/parquet/csv or hub id) with a 'prompt' column and the columns "
                        "the reward functions need (e.g. 'answer').")
     split: str = _f("test", "Split to read when data is a hub dataset id.")
+    column_map: dict = _f({}, "Rename data columns on reading, {our name: the data's name}, e.g. "
+                         "{prompt: question, answer: final_answer} for a hub data set with other names.")
     reward_funcs: list = _f(["exact_match"], "Reward sources: built-in names, file.py:function or "
                                              "module:function.")
     reward_weights: list = _f([], "Weights of reward_funcs (default: 1 each).")
@@ -126,7 +128,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     for name in cfg.reward_funcs:
         load_function(name)  # fail on a bad reward spec before loading anything
-    data = read_rows(cfg.data, cfg.split)
+    data = read_rows(cfg.data, cfg.split, cfg.column_map)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     device = default_device()
     model = load_causal_lm(cfg.model, dtype=frozen_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,

@@ -140,6 +140,8 @@ class ScoreConfig:
                        "prompt+chosen+rejected -> 'reward_chosen', 'reward_rejected'; prompt+responses -> "
                        "'rewards' (a list); messages (last turn from the assistant) or text -> 'reward'.")
     split: str = _f("train", "Split to read when data is a hub dataset id.")
+    column_map: dict = _f({}, "Rename data columns on reading, {our name: the data's name}, e.g. "
+                         "{prompt: question, answer: final_answer} for a hub data set with other names.")
     output: str = _f("", "Output JSON-lines file (written atomically); default: DATA with .scored.jsonl.")
     reward_column: str = _f("reward", "Name of the added column (suffixed _chosen/_rejected, or 's' for lists).")
     batch_size: int = _f(32, "Sequences per forward pass.")
@@ -224,7 +226,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         raise AlignError(f"{output}: output would overwrite the input data")
     if cfg.batch_size <= 0:
         raise AlignError(f"batch_size must be > 0, got {cfg.batch_size}")
-    data = read_rows(cfg.data, cfg.split)
+    data = read_rows(cfg.data, cfg.split, cfg.column_map)
     scorer = RewardModelScorer(cfg.reward_model, device=cfg.device or None, dtype=cfg.dtype,
                                batch_size=cfg.batch_size, max_length=cfg.max_length,
                                trust_remote_code=cfg.trust_remote_code)

@@ -149,3 +149,34 @@ def test_eval_reports_gold_accuracy(tiny_model_dir, tmp_path, capsys):
     assert res["reward_mean"] == 1.0 and res["num_samples"] == 4
     assert main(["eval", "--model", out, "--data", wrong, "--output", str(res_file)]) == 0
     assert json.loads(res_file.read_text())["reward_mean"] == 0.0
+    # a data set with other column names, mapped on the command line (YAML flow syntax)
+    renamed = write_jsonl(tmp_path / "renamed.jsonl",
+                          [{"question": r["prompt"], "solution": r["answer"]} for r in rows])
+    assert main(["eval", "--model", out, "--data", renamed, "--output", str(res_file),
+                 "--column_map", "{prompt: question, answer: solution}"]) == 0
+    assert json.loads(res_file.read_text())["reward_mean"] == 1.0
+
+
+def test_column_map_trains_exactly_as_the_usual_names(tiny_model_dir, sft_file, tmp_path, capsys):
+    with open(sft_file) as fh:
+        rows = [json.loads(line) for line in fh]
+    # 'prompt' here is a decoy: the mapping makes 'question' the prompt, and the old column must not leak in
+    renamed = [{"question": r["prompt"], "prompt": "ignore me", "solution": r["completion"]} for r in rows]
+    data = write_jsonl(tmp_path / "renamed.jsonl", renamed)
+    a = sft(tiny_model_dir, sft_file, tmp_path / "a", "--max_steps", "3")
+    b = sft(tiny_model_dir, data, tmp_path / "b", "--max_steps", "3",
+            "--column_map", '{"prompt": "question", "completion": "solution"}')
+    assert max_diff(weights(a), weights(b)) == 0.0
+    # errors name the data's own column, and a mapped column that is not there is one clear line
+    renamed[1]["solution"] = " "
+    data = write_jsonl(tmp_path / "bad.jsonl", renamed)
+    argv = ["sft", "--model", tiny_model_dir, "--train_data", data, "--output_dir", str(tmp_path / "c"), *BASE,
+            "--column_map", "{prompt: question, completion: solution}"]
+    assert main(argv) == 2
+    assert "bad.jsonl: line 2, field 'solution': empty value" in capsys.readouterr().err
+    argv[-1] = "{prompt: question, completion: answer}"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("bad.jsonl: column_map: no column 'answer' to use as 'completion' (columns: prompt, question, "
+                        "solution)") and "\n" not in err
+    assert not os.path.exists(tmp_path / "c")

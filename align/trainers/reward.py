@@ -205,8 +205,8 @@ def load_comparisons(sources: str, split: str, tokenizer, cfg: RMConfig) -> tupl
     """Comparisons of one or more comma-separated data sources, in order."""
     comps, skipped = [], 0
     for src in [s.strip() for s in sources.split(",") if s.strip()] or [""]:
-        c, s = tokenize_comparisons(read_rows(src, split), tokenizer, cfg.max_length, cfg.margin_column,
-                                    cfg.ranking_column, skip_bad=cfg.on_bad_pair == "skip")
+        c, s = tokenize_comparisons(read_rows(src, split, cfg.column_map), tokenizer, cfg.max_length,
+                                    cfg.margin_column, cfg.ranking_column, skip_bad=cfg.on_bad_pair == "skip")
         comps += c
         skipped += s
     return comps, skipped

@@ -230,8 +230,8 @@ def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, 
     check_output_dir(cfg)
     check(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split), tokenizer, cfg.max_length,
-                            cfg.max_new_tokens)
+    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split, cfg.column_map), tokenizer,
+                            cfg.max_length, cfg.max_new_tokens)
     eval_rows, eval_funcs = load_eval(cfg)
     return tokenizer, data, eval_rows, eval_funcs
 
@@ -244,7 +244,7 @@ def load_eval(cfg) -> tuple[Any, list[str]]:
     if not cfg.eval_data:
         return None, []
     funcs = list(cfg.gold_reward_funcs or cfg.reward_funcs)
-    rows = read_rows(cfg.eval_data, cfg.eval_split)
+    rows = read_rows(cfg.eval_data, cfg.eval_split, cfg.column_map)
     prompt_columns(rows, len(rows))
     if not funcs:
         raise AlignError("eval_data is set but there is no reward function to score it with (set "

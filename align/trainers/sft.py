@@ -52,8 +52,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     kw = dict(max_length=cfg.max_length, completion_only=cfg.completion_only_loss, text_field=cfg.text_field,
               add_eos=cfg.add_eos)
-    train = tokenize_sft(read_rows(cfg.train_data, cfg.train_split), tokenizer, **kw)
-    evals = tokenize_sft(read_rows(cfg.eval_data, cfg.eval_split), tokenizer, **kw) if cfg.eval_data else None
+    train = tokenize_sft(read_rows(cfg.train_data, cfg.train_split, cfg.column_map), tokenizer, **kw)
+    evals = tokenize_sft(read_rows(cfg.eval_data, cfg.eval_split, cfg.column_map), tokenizer, **kw) \
+        if cfg.eval_data else None
 
     seed_everything(cfg.seed)
     run = Run(cfg, "sft")
