@@ -68,6 +68,8 @@ def rename_columns(data: Rows, column_map: dict[str, str]) -> Rows:
             raise AlignError(f"{data.source}: column_map: no column '{theirs}' to use as '{ours}' "
                              f"(columns: {', '.join(sorted(seen))})")
     back = {theirs: ours for ours, theirs in column_map.items()}
+    if len(back) < len(column_map):
+        raise AlignError(f"column_map: two names map to the same column ({column_map})")
     rows = [{back.get(k, k): v for k, v in row.items() if not (k in column_map and k not in back)}
             for row in data.rows]
     return Rows(rows, data.source, data.row_numbers, {**data.renamed, **column_map})

@@ -101,3 +101,20 @@ def test_data_order_is_a_function_of_step():
     parts = [m for r in range(2) for m in split_micro_batches(idx, 2, r, 3)]
     assert sorted(i for m in parts for i in m) == sorted(idx)
     assert all(len(m) == 2 for m in parts)
+
+
+def test_rename_columns_maps_names_and_reports_the_data_column():
+    from align.data import Rows, rename_columns
+
+    data = Rows([{"question": "q1", "solution": "s1", "prompt": "old"}, {"question": "q2", "solution": ""}],
+                "gsm.jsonl", [1, 3])
+    out = rename_columns(data, {"prompt": "question", "completion": "solution"})
+    assert out.rows == [{"prompt": "q1", "completion": "s1"}, {"prompt": "q2", "completion": ""}]
+    assert out.where(1, "completion") == "gsm.jsonl: line 3, field 'solution'"
+    assert out.where(0, "answer") == "gsm.jsonl: line 1, field 'answer'"  # unmapped names stay as they are
+    swapped = rename_columns(data, {"prompt": "solution", "solution": "prompt"})  # a swap is two renames
+    assert swapped.rows[0] == {"question": "q1", "prompt": "s1", "solution": "old"}
+    with pytest.raises(AlignError, match="two names map to the same column"):
+        rename_columns(data, {"prompt": "question", "completion": "question"})
+    with pytest.raises(AlignError, match=r"gsm.jsonl: column_map: no column 'answer' to use as 'completion'"):
+        rename_columns(data, {"completion": "answer"})
