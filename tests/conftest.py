@@ -26,6 +26,12 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+def read_metrics(out) -> list[dict]:
+    """The rows of a run's metrics.jsonl (the file must exist)."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
 def addition_rows(n: int, seed: int = 0, with_completion: bool = True) -> list[dict]:
     rng = random.Random(seed)
     rows = []
@@ -55,3 +61,16 @@ def sft_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def eval_file(tmp_path_factory) -> str:
     return write_jsonl(tmp_path_factory.mktemp("data") / "eval.jsonl", addition_rows(16, seed=2))
+
+
+DIVERSITY = "def distinct_chars(prompts, completions, **kw):\n    return [float(len(set(c))) for c in completions]\n"
+
+
+@pytest.fixture(scope="session")
+def diversity_data(tmp_path_factory) -> tuple[str, str]:
+    """12 addition prompts and a reward function file: (prompt file, 'rewards.py:distinct_chars'), a reward that
+    any policy can raise, for end-to-end policy-gradient tests."""
+    d = tmp_path_factory.mktemp("pg")
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(12, seed=7)]
+    (d / "rewards.py").write_text(DIVERSITY)
+    return write_jsonl(d / "rl.jsonl", rows), f"{d / 'rewards.py'}:distinct_chars"

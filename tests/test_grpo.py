@@ -3,7 +3,6 @@ test_advantages.py and test_losses.py): settings reaching the math, the loss aga
 micro-batches, zero-std groups, stored old log-probabilities for mu > 1, no reference with beta = 0, the
 prompt-once sampling path, reference resets, reward-model replay, exact resume and input validation."""
 
-import json
 import math
 import os
 
@@ -13,17 +12,7 @@ from safetensors.torch import load_file
 
 from align.cli import main
 from align.trainers import grpo as G
-from conftest import addition_rows, write_jsonl
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread gains nothing, and on a shared machine OpenMP threads waiting for a
-    busy core slow every op down many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from conftest import addition_rows, read_metrics, write_jsonl
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",
         "--max_length", "32", "--learning_rate", "1e-3", "--num_generations", "4",
@@ -60,11 +49,6 @@ def grpo(model, files, out, *extra):
     argv = ["grpo", "--model", model, "--train_data", files["prompts"], "--output_dir", str(out), *BASE, *extra]
     assert main(argv) == 0
     return str(out)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def fn(files, name):
@@ -212,14 +196,14 @@ def test_settings_reach_the_math_and_skipping_zero_advantage_rows_changes_nothin
               "--softmax_beta", "2.5", "--scale_rewards", "none", "--gradient_accumulation_steps", "2")
     out = grpo(tiny_model_dir, files, tmp_path / "skip", *common)
     assert seen == [(4, "softmax", 2.5, "group")] * 2
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert all(0 < r["zero_std_frac"] < 1 and r["trained_frac"] == 1 - r["zero_std_frac"] for r in rows)
     # the same run computing every completion gives the same model
     monkeypatch.setattr(G, "rows_with_gradient", lambda adv, beta: torch.arange(adv.shape[0]))
     full = grpo(tiny_model_dir, files, tmp_path / "full", *common)
-    assert [r["trained_frac"] for r in metrics(full)] == [1.0, 1.0]
+    assert [r["trained_frac"] for r in read_metrics(full)] == [1.0, 1.0]
     for key in ("reward", "loss", "zero_std_frac"):
-        assert [r[key] for r in metrics(full)] == pytest.approx([r[key] for r in rows], rel=1e-5, abs=1e-7)
+        assert [r[key] for r in read_metrics(full)] == pytest.approx([r[key] for r in rows], rel=1e-5, abs=1e-7)
     a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(full, "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
@@ -227,7 +211,7 @@ def test_settings_reach_the_math_and_skipping_zero_advantage_rows_changes_nothin
 
 def test_all_equal_rewards_give_zero_advantage_and_no_update(tiny_model_dir, files, tmp_path):
     out = grpo(tiny_model_dir, files, tmp_path / "o", "--max_steps", "2", "--reward_funcs", fn(files, "constant"))
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["zero_std_frac"] for r in rows] == [1.0, 1.0]
     assert [r["reward_group_std"] for r in rows] == [0.0, 0.0] and rows[0]["advantage_abs_mean"] == 0.0
     before, after = load_file(os.path.join(tiny_model_dir, "model.safetensors")), load_file(
@@ -265,11 +249,11 @@ def test_beta_zero_loads_no_reference_and_beta_positive_logs_kl(tiny_model_dir, 
 
     monkeypatch.setattr(rl.Reference, "load", classmethod(spy))
     out = grpo(tiny_model_dir, files, tmp_path / "b0", "--max_steps", "1", "--reward_funcs", fn(files, "ordsum"))
-    assert created == [] and "kl" not in metrics(out)[0]
+    assert created == [] and "kl" not in read_metrics(out)[0]
     out = grpo(tiny_model_dir, files, tmp_path / "b1", "--max_steps", "2", "--reward_funcs", fn(files, "ordsum"),
                "--beta", "0.1", "--ref_update_every", "1", "--learning_rate", "3e-3")
     assert created == [1]
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert rows[0]["kl"] < 1e-5  # the reference is the initial policy
     assert rows[1]["kl"] < 1e-5 and rows[1]["ref_updated"] == 1.0  # reset to the policy that sampled
     assert rows[0]["kl_penalty"] >= 0 and rows[0]["ref_updated"] == 0.0
@@ -278,7 +262,7 @@ def test_beta_zero_loads_no_reference_and_beta_positive_logs_kl(tiny_model_dir, 
 def test_reference_reset_every_n_steps(tiny_model_dir, files, tmp_path):
     out = grpo(tiny_model_dir, files, tmp_path / "o", "--max_steps", "4", "--reward_funcs", fn(files, "ordsum"),
                "--beta", "0.1", "--ref_update_every", "2", "--learning_rate", "3e-3")
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["ref_updated"] for r in rows] == [0.0, 0.0, 1.0, 0.0]
     kl = [r["kl"] for r in rows]
     assert kl[0] < 1e-5 and kl[2] < 1e-5  # steps that sample from the reference itself
@@ -324,7 +308,7 @@ def test_iterative_grpo_with_reward_model_replay_resumes_exactly(tiny_model_dir,
               "--loss_type", "dr_grpo", "--epsilon_high", "0.28", "--lr_scheduler_type", "cosine",
               "--eval_data", files["prompts"], "--eval_max_samples", "4")
     out = grpo(tiny_model_dir, files, tmp_path / "run", *common)
-    full_m = metrics(out)
+    full_m = read_metrics(out)
     full_w = load_file(os.path.join(out, "model.safetensors"))
     full_rm = load_file(os.path.join(out, "reward_model", "model.safetensors"))
     r0 = full_m[0]
@@ -339,7 +323,7 @@ def test_iterative_grpo_with_reward_model_replay_resumes_exactly(tiny_model_dir,
     assert max((start[k] - full_rm[k]).abs().max().item() for k in start if k.startswith("model.")) > 0
     # resume from step 3 (after a reference reset at step 2, with the reward model mid-training)
     grpo(tiny_model_dir, files, out, *common, "--resume_from_checkpoint", "latest")
-    res_m = metrics(out)
+    res_m = read_metrics(out)
     assert [r["step"] for r in res_m] == [1, 2, 3, 4]
     for k in ("reward", "reward_reward_model", "kl", "loss", "rm_loss", "learning_rate"):
         assert [r[k] for r in res_m] == [r[k] for r in full_m], k

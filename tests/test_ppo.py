@@ -16,17 +16,7 @@ from align.kl_control import KLController
 from align.models import load_causal_lm, load_tokenizer
 from align.rollout import Rollout, generate, logprobs_from_selected, scatter_tokens, sequence_inputs
 from align.trainers.ppo import PolicyAndValue, per_token_rewards, ppo_advantages, ppo_loss, token_kl
-from conftest import addition_rows, write_jsonl
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread gains nothing and, on a shared machine, OpenMP threads
-    waiting for a busy core slow every op down many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from conftest import addition_rows, read_metrics, write_jsonl
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",
         "--per_device_train_batch_size", "4", "--max_length", "32", "--learning_rate", "1e-3"]
@@ -42,11 +32,6 @@ def ppo(model, data, out, *extra):
     argv = ["ppo", "--model", model, "--train_data", data, "--output_dir", str(out), *BASE, *extra]
     assert main(argv) == 0
     return str(out)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +170,7 @@ def test_ppo_runs_logs_and_saves(tiny_model_dir, prompts_file, tmp_path):
               "--reward_funcs", "format_digits", "--reward_weights", "1.0,0.5", "--gold_reward_funcs",
               "exact_match", "--missing_eos_penalty", "1.0", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
               "--eval_data", prompts_file, "--eval_max_samples", "4")
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward", "reward_reward_model", "reward_format_digits", "gold_exact_match", "kl", "entropy",
                 "clip_frac", "approx_kl", "value_loss", "explained_variance", "response_length",
@@ -211,11 +196,11 @@ def test_resume_gives_the_same_run(tiny_model_dir, prompts_file, tmp_path):
               "--value_model", "policy", "--lr_scheduler_type", "cosine", "--warmup_steps", "1",
               "--num_mini_batches", "2")
     out = ppo(tiny_model_dir, prompts_file, tmp_path / "run", *common)
-    full_w, full_m = load_file(os.path.join(out, "model.safetensors")), metrics(out)
+    full_w, full_m = load_file(os.path.join(out, "model.safetensors")), read_metrics(out)
     full_head = load_file(os.path.join(out, "value_head.safetensors"))
     assert len({r["beta"] for r in full_m}) == 4  # the controller moved beta every step
     ppo(tiny_model_dir, prompts_file, out, *common, "--resume_from_checkpoint", "latest")
-    res_w, res_m = load_file(os.path.join(out, "model.safetensors")), metrics(out)
+    res_w, res_m = load_file(os.path.join(out, "model.safetensors")), read_metrics(out)
     assert [r["step"] for r in res_m] == [1, 2, 3, 4]
     for k in ("reward", "kl", "beta", "value_loss", "learning_rate"):
         assert [r[k] for r in res_m] == [r[k] for r in full_m], k
@@ -240,7 +225,7 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_model_dir, prompt
               "--lora_r", "4", "--reward_funcs", "format_digits", "--value_model", "policy",
               "--num_ppo_epochs", "1")
     assert created and created[0].lm is None  # no second model: the adapter is switched off instead
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert rows[0]["kl"] == 0.0  # LoRA starts as the identity, so the first rollout has exactly zero KL
     assert rows[1]["kl"] != 0.0
     assert os.path.isfile(os.path.join(out, "adapter_config.json"))
@@ -257,7 +242,7 @@ def test_ppo_paper_variants_are_settings(tiny_model_dir, prompts_file, tmp_path,
     }[variant]
     out = ppo(tiny_model_dir, prompts_file, tmp_path / variant, "--max_steps", "3", "--reward_funcs",
               "format_digits,length_penalty", "--value_model", "policy", "--num_ppo_epochs", "2", *settings)
-    rows = metrics(out)
+    rows = read_metrics(out)
     if variant != "clip":
         assert all(r["clip_frac"] == 0.0 for r in rows)
     if variant in ("fixed_penalty", "adaptive_penalty"):

@@ -4,7 +4,6 @@ changes nothing), the Ψ of a real run recomputed from its rollout, tiny end-to-
 without a critic), and input validation that writes nothing. Reward-to-go, returns, GAE and the TD residual are
 also tested against loops in test_advantages.py."""
 
-import json
 import os
 
 import pytest
@@ -15,6 +14,7 @@ from align.advantages import policy_gradient_psi, sequence_baseline
 from align.cli import main
 from align.losses import aggregate_count, policy_gradient_loss
 from align.trainers.reinforce import needs_values, psi_and_value_targets
+from conftest import read_metrics
 
 # four rollouts of at most 3 tokens, two groups of G = 2; gamma = 0.5, lambda = 0.5
 REWARDS = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 9.0], [0.0, 0.0, 4.0], [1.0, 7.0, 7.0]])
@@ -111,34 +111,9 @@ def test_policy_gradient_loss_gradient_by_hand():
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "3",
         "--per_device_train_batch_size", "2", "--max_length", "32", "--learning_rate", "1e-3"]
-DIVERSITY = "def distinct_chars(prompts, completions, **kw):\n    return [float(len(set(c))) for c in completions]\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (no OpenMP hand-offs); restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from conftest import addition_rows, write_jsonl
-
-    d = tmp_path_factory.mktemp("reinforce")
-    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(12, seed=7)]
-    (d / "rewards.py").write_text(DIVERSITY)
-    return write_jsonl(d / "rl.jsonl", rows), f"{d / 'rewards.py'}:distinct_chars"
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
-
-
-def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, data, tmp_path, monkeypatch):
+def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, diversity_data, tmp_path, monkeypatch):
     """The Psi handed to the loss equals G_t - group mean recomputed from the run's own rollout: scores at the
     last token, -beta * k1 KL to the reference on every token, gamma = 0.9."""
     import align.trainers.reinforce as rf
@@ -158,7 +133,7 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, data, tmp_path, monk
 
     monkeypatch.setattr(rf.PGStepBase, "rollout", spy_rollout)
     monkeypatch.setattr(rf, "policy_gradient_loss", spy_loss)
-    prompts, reward = data
+    prompts, reward = diversity_data
     out = str(tmp_path / "o")
     assert main(["reinforce", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
                  "--max_steps", "1", "--reward_funcs", reward, "--num_generations", "3", "--baseline", "group_mean",
@@ -176,23 +151,23 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, data, tmp_path, monk
     assert torch.equal(mask, r.completion_mask)
     torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
     assert got.abs().sum() > 0
-    row = _metrics(out)[0]
+    row = read_metrics(out)[0]
     assert row["kl"] != 0.0 and "policy_loss" in row and "entropy" in row and "grad_norm" in row
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(os.path.join(out, "model.safetensors"))
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 0
 
 
-def test_reinforce_with_a_critic_runs_and_saves(tiny_model_dir, data, tmp_path):
+def test_reinforce_with_a_critic_runs_and_saves(tiny_model_dir, diversity_data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    prompts, reward = data
+    prompts, reward = diversity_data
     out = str(tmp_path / "critic")
     assert main(["reinforce", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
                  "--max_steps", "2", "--reward_funcs", reward, "--psi", "td_residual", "--beta", "0",
                  "--gradient_accumulation_steps", "2", "--gold_reward_funcs", "exact_match", "--eval_data", prompts,
                  "--eval_max_samples", "4"]) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("value_loss", "explained_variance", "value_mean", "gold_exact_match", "psi_abs_mean"):
         assert key in rows[0], key
@@ -207,8 +182,8 @@ def test_reinforce_with_a_critic_runs_and_saves(tiny_model_dir, data, tmp_path):
     (["--psi", "q_value"], "is not one of"),
     (["--num_generations", "0"], "num_generations must be >= 1"),
 ])
-def test_bad_settings_fail_before_writing(tiny_model_dir, data, tmp_path, capsys, extra, message):
-    prompts, reward = data
+def test_bad_settings_fail_before_writing(tiny_model_dir, diversity_data, tmp_path, capsys, extra, message):
+    prompts, reward = diversity_data
     out = tmp_path / "never"
     argv = ["reinforce", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", str(out), *BASE,
             "--reward_funcs", reward, *extra]

@@ -11,16 +11,6 @@ from align.rewards import exact_match, format_digits
 from align.rollout import (Rollout, completion_logprobs, filter_logits, generate, make_generator, make_rollout,
                            score, sequence_inputs)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread gains nothing and, on a shared machine, OpenMP threads
-    waiting for a busy core slow every op down many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["What is 12+34?", "Hi", "What is 99+10? Tell me."]
 
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from align.cli import main
-from conftest import write_jsonl
+from conftest import read_metrics, write_jsonl
 
 BASE = ["--max_length", "32", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "5"]
 
@@ -17,11 +17,6 @@ def sft(model, data, out, *extra):
     argv = ["sft", "--model", model, "--train_data", data, "--output_dir", str(out), *BASE, *extra]
     assert main(argv) == 0
     return str(out)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def weights(out):
@@ -37,7 +32,7 @@ def test_sft_learns_saves_and_reloads(tiny_model_dir, sft_file, eval_file, tmp_p
 
     out = sft(tiny_model_dir, sft_file, tmp_path / "o", "--max_steps", "40", "--learning_rate", "1e-2",
               "--per_device_train_batch_size", "16", "--eval_data", eval_file)
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 41))
     # uniform over the vocabulary is ln(263) = 5.57 nats; digits-and-eos only would be ln(11) = 2.40
     assert rows[0]["loss"] > 5.0 and rows[-1]["loss"] < 2.4
@@ -76,8 +71,8 @@ def test_resume_gives_same_weights(tiny_model_dir, sft_file, tmp_path):
         os.remove(part / f)
     sft(tiny_model_dir, sft_file, part, *common, "--max_steps", "6", "--resume_from_checkpoint", "latest")
     assert max_diff(weights(full), weights(str(part))) == 0.0
-    assert [r["step"] for r in metrics(str(part))] == list(range(1, 7))
-    assert [r["loss"] for r in metrics(str(part))] == [r["loss"] for r in metrics(full)]
+    assert [r["step"] for r in read_metrics(str(part))] == list(range(1, 7))
+    assert [r["loss"] for r in read_metrics(str(part))] == [r["loss"] for r in read_metrics(full)]
 
 
 def test_lora_saves_adapter_that_peft_loads(tiny_model_dir, sft_file, tmp_path):

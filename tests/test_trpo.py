@@ -5,7 +5,6 @@ weights; LoRA with a value head and accumulation). Conjugate gradient and the st
 test_optim_math.py."""
 
 import copy
-import json
 import logging
 import math
 import os
@@ -21,19 +20,10 @@ from align.models import SelectiveLM, load_causal_lm, load_tokenizer
 from align.optim_math import backtracking_line_search, flat_grad, hessian_vector_product
 from align.rollout import Rollout, generate, logprobs_from_selected, sequence_inputs
 from align.trainers.trpo import TrustRegionProblem, differentiable_attention, surrogate, trpo_update
-from conftest import addition_rows, write_jsonl
+from conftest import read_metrics
 
 PROMPTS = ["What is 12+34?", "What is 56+78?", "Hi", "What is 9+91?"]
 TEMP = 0.8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (no OpenMP hand-offs); restored after this file."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -220,30 +210,14 @@ def test_rejected_step_leaves_the_policy_untouched(tiny):
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "3",
         "--per_device_train_batch_size", "2", "--num_generations", "2", "--max_length", "32", "--beta", "0"]
-DIVERSITY = "def distinct_chars(prompts, completions, **kw):\n    return [float(len(set(c))) for c in completions]\n"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trpo")
-    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(12, seed=7)]
-    (d / "rewards.py").write_text(DIVERSITY)
-    return write_jsonl(d / "rl.jsonl", rows), f"{d / 'rewards.py'}:distinct_chars"
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
-
-
-def test_trpo_runs_logs_and_saves(tiny_model_dir, data, tmp_path):
-    prompts, reward = data
+def test_trpo_runs_logs_and_saves(tiny_model_dir, diversity_data, tmp_path):
+    prompts, reward = diversity_data
     out = str(tmp_path / "o")
     assert main(["trpo", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
                  "--max_steps", "2", "--reward_funcs", reward, "--gold_reward_funcs", "exact_match",
                  "--baseline", "group_mean", "--max_kl", "0.02", "--eval_data", prompts,
                  "--eval_max_samples", "4"]) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "gold_exact_match", "step_kl", "line_search_steps", "improvement_expected",
                 "improvement_actual", "cg_residual", "trpo_accepted", "psi_mean"):
@@ -256,29 +230,29 @@ def test_trpo_runs_logs_and_saves(tiny_model_dir, data, tmp_path):
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 0
 
 
-def test_rejection_is_logged_and_nothing_moves(tiny_model_dir, data, tmp_path, caplog):
-    prompts, reward = data
+def test_rejection_is_logged_and_nothing_moves(tiny_model_dir, diversity_data, tmp_path, caplog):
+    prompts, reward = diversity_data
     out = str(tmp_path / "rej")
     with caplog.at_level(logging.WARNING, logger="align.trainers.trpo"):
         assert main(["trpo", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
                      "--max_steps", "1", "--reward_funcs", reward, "--accept_ratio", "1e6",
                      "--line_search_steps", "2"]) == 0
     assert "line search rejected all 2 candidate steps" in caplog.text and "the policy is unchanged" in caplog.text
-    row = _metrics(out)[0]
+    row = read_metrics(out)[0]
     assert row["trpo_accepted"] == 0.0 and row["ls_rejected_improvement"] == 2.0 and row["step_kl"] == 0.0
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_trpo_with_lora_critic_and_accumulation(tiny_model_dir, data, tmp_path):
-    prompts, reward = data
+def test_trpo_with_lora_critic_and_accumulation(tiny_model_dir, diversity_data, tmp_path):
+    prompts, reward = diversity_data
     out = str(tmp_path / "lora")
     assert main(["trpo", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
                  "--max_steps", "2", "--reward_funcs", reward, "--use_lora", "true", "--lora_r", "2",
                  "--psi", "gae", "--value_model", "policy", "--gradient_accumulation_steps", "2",
                  "--beta", "0.1", "--vf_iters", "2"]) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     for key in ("value_loss", "explained_variance", "kl", "step_kl"):
         assert key in rows[0], key
     assert all(r["step_kl"] <= 0.01 for r in rows)
