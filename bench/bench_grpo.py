@@ -60,21 +60,10 @@ REWARDS_SRC = textwrap.dedent('''
 
 
 def make_inputs(root: str, args) -> tuple[str, str, str]:
-    """A random tiny model, a prompt file of the built-in task, and the reward file."""
-    import random
+    """A random tiny model, a prompt file of the built-in task (bench_ppo's), and the reward file."""
+    from bench_ppo import make_inputs as model_and_prompts
 
-    from align.task import make_prompt
-    from align.tiny import save_tiny_model
-
-    model = save_tiny_model(os.path.join(root, "model"), hidden_size=args.hidden, num_layers=args.layers,
-                            num_heads=max(1, args.hidden // 16), intermediate_size=4 * args.hidden,
-                            max_position_embeddings=max(64, 32 + args.new_tokens))
-    rng = random.Random(0)
-    path = os.path.join(root, "prompts.jsonl")
-    with open(path, "w") as fh:
-        for _ in range(512):
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            fh.write(json.dumps({"prompt": make_prompt(a, b), "answer": str(a + b)}) + "\n")
+    model, path = model_and_prompts(root, args, n_prompts=512)
     rewards = os.path.join(root, "bench_rewards.py")
     with open(rewards, "w") as fh:
         fh.write(REWARDS_SRC)

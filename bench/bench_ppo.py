@@ -46,8 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_inputs(root: str, args) -> tuple[str, str]:
-    """A random tiny model and a prompt file of the built-in task."""
+def make_inputs(root: str, args, n_prompts: int = 0) -> tuple[str, str]:
+    """A random tiny model (args.hidden, args.layers) and a prompt file of ``n_prompts`` problems of the built-in
+    task (default: enough for args.steps + 1 batches of args.batch). bench_grpo.py uses it too."""
     import random
 
     from align.task import make_prompt
@@ -59,7 +60,7 @@ def make_inputs(root: str, args) -> tuple[str, str]:
     rng = random.Random(0)
     path = os.path.join(root, "prompts.jsonl")
     with open(path, "w") as fh:
-        for _ in range(args.batch * (args.steps + 1)):
+        for _ in range(n_prompts or args.batch * (args.steps + 1)):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
             fh.write(json.dumps({"prompt": make_prompt(a, b), "answer": str(a + b)}) + "\n")
     return model, path
