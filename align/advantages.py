@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .losses import _valid, kl_estimate, masked_whiten
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -30,10 +32,6 @@ __all__ = [
     "td_residual",
     "zero_std_group_fraction",
 ]
-
-
-def _valid(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _reverse_scan(rewards: Tensor, mask: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
@@ -315,3 +313,100 @@ def sequence_baseline(returns: Tensor, kind: str, group_size: int = 1) -> Tensor
     except KeyError:
         raise ValueError(f"unknown baseline {kind!r}; valid: {', '.join(SEQUENCE_BASELINES)}") from None
     return fn(returns, group_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the RL stages feed their losses: shaped per-token rewards, PPO's advantages, Ψ and GRPO's group scaling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str) -> Tensor:
+    """Per-token KL(π ‖ π_ref) estimate on the sampled tokens, 0 on masked positions. (B, C) → (B, C)."""
+    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Rewards of each completion token: ``r_t = −β·KL_t``, plus the sequence score at its last valid token.
+
+    (InstructGPT's per-token KL penalty, Ouyang et al. 2022 eq. 2; Ziegler et al. 2019 eq. 1.) Shapes:
+    scores (B,), kl and mask (B, C) → (B, C), 0 on masked positions. A row with no valid token gets nothing."""
+    valid = mask.bool()
+    r = torch.where(valid, -beta * kl, torch.zeros_like(kl))
+    idx = torch.arange(mask.shape[1], device=mask.device)
+    last = (idx * valid).argmax(-1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    r[rows, last] += torch.where(valid.any(-1), scores.to(r.dtype), torch.zeros_like(scores, dtype=r.dtype))
+    return r
+
+
+def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor | None, mask: Tensor, beta: float,
+                      estimator: str) -> tuple[Tensor, Tensor | None]:
+    """(per-token rewards (B, C): the score at the last token and −β·KL_t when there are reference
+    log-probabilities; the per-token KL (B, C) to the reference, or None without one)."""
+    if ref_logprobs is None:
+        return per_token_rewards(scores, torch.zeros_like(logprobs), mask, 0.0), None
+    kl = token_kl(logprobs, ref_logprobs, mask, estimator)
+    return per_token_rewards(scores, kl, mask, beta), kl
+
+
+def ppo_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
+                   whiten: bool) -> tuple[Tensor, Tensor]:
+    """GAE advantages (whitened over the valid tokens if asked) and value targets R_t = A_t + V_t (unwhitened).
+    Shapes: (B, C) each → ((B, C), (B, C)), 0 on masked positions."""
+    adv, returns = gae(rewards, values, mask, gamma, lam)
+    if whiten:
+        adv = masked_whiten(adv, mask)
+    return adv, returns
+
+
+def needs_values(psi: str, baseline: str) -> bool:
+    """Whether Ψ reads critic values: gae, td_residual, and reward_to_go_baseline with baseline=value."""
+    return psi in ("gae", "td_residual") or (psi == "reward_to_go_baseline" and baseline == "value")
+
+
+def psi_and_value_targets(rewards: Tensor, mask: Tensor, *, psi: str, baseline: str = "batch_mean",
+                          gamma: float = 1.0, lam: float = 1.0, values: Tensor | None = None, group_size: int = 1,
+                          whiten: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Ψ_t of every token and the critic's regression targets.
+
+    ``baseline`` of psi=reward_to_go_baseline: ``"value"`` uses ``values`` (V(s_t) per token); ``"batch_mean"``
+    and ``"group_mean"`` use :func:`sequence_baseline` of the sequences' total returns ``R = Σ_t γ^t r_t``
+    (groups: rows ``[g·G, (g+1)·G)``, G = ``group_size``). Value targets (when ``values`` is given): the
+    λ-returns ``A_t + V_t`` for psi=gae (as PPO), the rewards-to-go ``G_t`` otherwise (Monte-Carlo regression).
+    ``whiten`` normalises Ψ to mean 0, std 1 over the valid tokens.
+
+    Shapes: ``rewards``, ``mask``, ``values`` (B, T) → (Ψ (B, T), targets (B, T) or None), 0 where masked.
+    """
+    b = None
+    if psi == "reward_to_go_baseline":
+        b = values if baseline == "value" else sequence_baseline(discounted_returns(rewards, mask, gamma),
+                                                                baseline, group_size)
+    out = policy_gradient_psi(psi, rewards, mask, gamma, lam, values, b)
+    targets = None
+    if values is not None:
+        targets = gae(rewards, values, mask, gamma, lam)[1] if psi == "gae" else reward_to_go(rewards, mask, gamma)
+    if whiten:
+        out = masked_whiten(out, mask)
+    return out, targets
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, kind: str = "zscore", scale_rewards: str = "group",
+                    softmax_beta: float = 1.0, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantage of each completion: :func:`group_advantages` with TRL's ``scale_rewards``:
+    ``"group"`` divides zscore advantages by each group's std, ``"batch"`` by the std of all rewards given (pass
+    the whole step's, every process's), ``"none"`` by nothing (zscore becomes ``R − mean R``, Dr. GRPO).
+    ``"batch"`` applies to zscore only; the other kinds never divide by a std.
+
+    Shapes: rewards (N,) in contiguous groups of ``group_size`` → (N,). All-equal groups get exactly 0."""
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    if scale_rewards == "none" and kind == "zscore":
+        kind = "mean"
+    scale = "batch" if scale_rewards == "batch" else "group"
+    return group_advantages(rewards, group_size, kind, beta=softmax_beta, eps=eps, scale=scale)
+
+
+def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
+    """Mean over groups of each group's (unbiased) reward std: (N,) → 0-dim. 0 when every group is constant."""
+    return rewards.view(-1, group_size).float().std(dim=1).mean()

@@ -116,10 +116,6 @@ class RMConfig(BaseConfig):
                                   "or with flash-attention: every response is a separate padded sequence.")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
-STAGE_CONFIGS["rm"] = RMConfig
-
-
 def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type name, default, help) for every field of a config dataclass, in declaration order."""
     out = []
@@ -332,9 +328,6 @@ class PPOConfig(RLConfig):
                               "near unit scale or vf_coef small); default: reward_model when set, else model.")
 
 
-STAGE_CONFIGS["ppo"] = PPOConfig
-
-
 @dataclass
 class PolicyGradientConfig(RLConfig):
     """Fields shared by the vanilla policy-gradient stages (REINFORCE, TRPO): which Ψ_t weighs each token's
@@ -414,10 +407,6 @@ class TRPOConfig(PolicyGradientConfig):
     vf_iters: int = _f(4, "AdamW passes of the critic's regression over each batch of rollouts.")
 
 
-STAGE_CONFIGS["reinforce"] = ReinforceConfig
-STAGE_CONFIGS["trpo"] = TRPOConfig
-
-
 @dataclass
 class GRPOConfig(RLConfig):
     """GRPO (Shao et al. 2024): num_generations completions per prompt, advantages relative to the prompt's group,
@@ -472,6 +461,3 @@ class GRPOConfig(RLConfig):
     rm_replay_ratio: float = _f(0.1, "Fraction of each reward-model update's comparisons drawn from "
                                      "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).")
     rm_learning_rate: float = _f(1e-5, "Learning rate of the reward model's AdamW during rm_update.")
-
-
-STAGE_CONFIGS["grpo"] = GRPOConfig

@@ -190,6 +190,19 @@ def detect_format(data: Rows, candidates: Sequence[tuple[str, ...]]) -> tuple[st
     raise AlignError(f"{data.where(0)}: no known columns (need {wanted}; found {', '.join(first) or 'none'})")
 
 
+def prompt_columns(data: Rows, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Validated prompts (non-empty strings or chats) of the first n rows, and the rows' other columns (the
+    first row's names, which every row must have) as lists: what reward functions receive."""
+    prompts = [require_text(data, i, "prompt", allow_chat=True) for i in range(n)]
+    cols: dict[str, list[Any]] = {k: [] for k in data.rows[0] if k != "prompt"}
+    for k, values in cols.items():
+        for i in range(n):
+            if k not in data.rows[i]:
+                raise AlignError(f"{data.where(i, k)}: missing column (the first row has it)")
+            values.append(data.rows[i][k])
+    return prompts, cols
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tokenization
 
@@ -343,8 +356,12 @@ def pad_examples(examples: Sequence[SFTExample], pad_id: int) -> dict[str, torch
         ids[r, :n] = torch.tensor(ex.input_ids)
         tgt[r, : n - 1] = torch.tensor(ex.labels[1:])
         att[r, :n] = 1
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "labels": tgt, "attention_mask": att, "position_ids": pos}
+    return {"input_ids": ids, "labels": tgt, "attention_mask": att, "position_ids": position_ids_from_mask(att)}
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only: ``cumsum(mask) − 1``, 0 on leading pads. (B, T) → (B, T)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,21 +407,87 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return _PERM_CACHE[key]
 
 
+def split_evenly(items: Sequence[Any], n: int) -> list[Any]:
+    """``items`` (a list or a 1-D tensor) cut into n contiguous, nearly equal parts in order (sizes differ by at
+    most one, the first ones larger): ``split_evenly([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]``."""
+    size, rem = divmod(len(items), n)
+    out, at = [], 0
+    for c in range(n):
+        k = size + (1 if c < rem else 0)
+        out.append(items[at:at + k])
+        at += k
+    return out
+
+
 def split_micro_batches(indices: list[int], num_processes: int, process_index: int,
                         accumulation: int) -> list[list[int]]:
     """This process's micro-batches of a global batch: the batch is cut into num_processes*accumulation
     contiguous chunks and chunk c goes to process c % num_processes."""
     chunks = num_processes * accumulation
-    size, rem = divmod(len(indices), chunks)
-    if size == 0:
+    if len(indices) < chunks:
         raise AlignError(f"global batch of {len(indices)} is smaller than processes x accumulation ({chunks})")
-    bounds = [0]
-    for c in range(chunks):
-        bounds.append(bounds[-1] + size + (1 if c < rem else 0))
-    mine = [indices[bounds[c]:bounds[c + 1]] for c in range(chunks) if c % num_processes == process_index]
-    return mine
+    parts = split_evenly(indices, chunks)
+    return [parts[c] for c in range(chunks) if c % num_processes == process_index]
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RL prompts
+
+
+@dataclass
+class PromptData:
+    """Validated prompts of an RL stage: the raw prompts, their token ids and the other columns."""
+
+    prompts: list[Any]
+    ids: list[list[int]]
+    columns: dict[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, indices: Sequence[int], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[list[Any], dict[str, list[Any]], torch.Tensor, torch.Tensor]:
+        """(prompts, columns, left-padded ids (B, P), mask (B, P)) of the rows `indices`."""
+        ids, mask = left_pad([self.ids[i] for i in indices], pad_id)
+        cols = {k: [v[i] for i in indices] for k, v in self.columns.items()}
+        return [self.prompts[i] for i in indices], cols, ids.to(device), mask.to(device)
+
+
+def load_prompt_data(data: Rows, tokenizer, max_length: int, max_new_tokens: int) -> PromptData:
+    """Validate every row (a non-empty 'prompt' string or chat, the same other columns as the first row) and
+    encode the prompts; a prompt that leaves no room for max_new_tokens within max_length is an error."""
+    prompts, columns = prompt_columns(data, len(data))
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    budget = max_length - max_new_tokens
+    for i, p in enumerate(ids):
+        if len(p) > budget:
+            raise AlignError(f"{data.where(i, 'prompt')}: prompt is {len(p)} tokens; with max_new_tokens="
+                             f"{max_new_tokens} that exceeds max_length={max_length}")
+    return PromptData(prompts, ids, columns)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file in path's directory, then rename it into place: a reader sees the old
+    file or the whole new one, never a part."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -8,17 +8,15 @@ Greedy by default. On the built-in task `reward_mean` of `exact_match` is the go
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from .config import AlignError, _f
-from .data import Rows, batched, encode_prompt, left_pad, read_rows, require_text
-from .rewards import call_reward, combine, load_function
+from .config import _f
+from .data import Rows, batched, encode_prompt, left_pad, prompt_columns, read_rows, write_atomic
+from .rewards import load_function, score_completions, source_name
 
 
 @dataclass
@@ -48,20 +46,6 @@ class EvalConfig:
     save_completions: bool = _f(False, "Include every prompt, completion and reward in the output JSON.")
 
 
-def prompt_columns(data: Rows, n: int) -> tuple[list[Any], dict[str, list[Any]]]:
-    """Validated prompts and the other columns (for reward functions) of the first n rows."""
-    prompts = [require_text(data, i, "prompt", allow_chat=True) for i in range(n)]
-    cols: dict[str, list[Any]] = {}
-    keys = [k for k in data.rows[0] if k != "prompt"]
-    for k in keys:
-        cols[k] = []
-        for i in range(n):
-            if k not in data.rows[i]:
-                raise AlignError(f"{data.where(i, k)}: missing column")
-            cols[k].append(data.rows[i][k])
-    return prompts, cols
-
-
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int, batch_size: int,
                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -89,14 +73,6 @@ def generate_completions(model, tokenizer, prompts: Sequence[Any], max_new_token
     return out
 
 
-def score(prompts: Sequence[Any], completions: Sequence[str], columns: dict[str, Sequence[Any]],
-          reward_funcs: Sequence[str], reward_weights: Sequence[float] | None = None
-          ) -> tuple[list[float], dict[str, list[float]]]:
-    """(combined rewards, per-source rewards) for the completions."""
-    comps = {name: call_reward(name, load_function(name), prompts, completions, columns) for name in reward_funcs}
-    return combine(comps, [float(w) for w in reward_weights] if reward_weights else None), comps
-
-
 def evaluate_model(model, tokenizer, data: Rows, reward_funcs: Sequence[str], max_new_tokens: int = 16,
                    batch_size: int = 64, max_samples: int = 0, reward_weights: Sequence[float] | None = None,
                    **gen_kwargs: Any) -> dict[str, Any]:
@@ -105,7 +81,8 @@ def evaluate_model(model, tokenizer, data: Rows, reward_funcs: Sequence[str], ma
     prompts, cols = prompt_columns(data, n)
     t0 = time.perf_counter()
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, **gen_kwargs)
-    rewards, comps = score(prompts, completions, cols, reward_funcs, reward_weights)
+    rewards, comps = score_completions({name: load_function(name) for name in reward_funcs}, prompts,
+                                       completions, cols, reward_weights)
     result: dict[str, Any] = {"reward_mean": sum(rewards) / n, "num_samples": n,
                               "seconds": round(time.perf_counter() - t0, 3)}
     for k, v in comps.items():
@@ -114,13 +91,16 @@ def evaluate_model(model, tokenizer, data: Rows, reward_funcs: Sequence[str], ma
     return result
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+def greedy_eval(model, tokenizer, data: Rows, funcs: Sequence[str], max_new_tokens: int, batch_size: int,
+                max_samples: int = 0) -> dict[str, float]:
+    """The RL stages' evaluation: greedy generation on the eval prompts scored with `funcs`; returns eval_reward
+    and eval_<name> per function."""
+    res = evaluate_model(model, tokenizer, data, list(funcs), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         max_samples=max_samples)
+    out = {"eval_reward": float(res["reward_mean"])}
+    for spec in funcs:
+        out[f"eval_{source_name(spec)}"] = float(res[f"reward_{spec}"])
+    return out
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -144,5 +124,5 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         out["samples"] = [{"prompt": p, "completion": c, "reward": r}
                           for p, c, r in zip(res["_prompts"], res["_completions"], res["_rewards"])]
     if cfg.output:
-        write_json_atomic(cfg.output, out)
+        write_atomic(cfg.output, json.dumps(out, indent=2))
     return out

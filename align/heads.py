@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from .config import AlignError
-from .models import _first_line, _has_safetensors, _is_adapter_dir, apply_lora, check_model_path, unwrap_peft
+from .data import position_ids_from_mask
+from .models import (_first_line, _has_safetensors, _is_adapter_dir, apply_lora, check_model_path, make_trainable,
+                     unwrap_peft)
 
 SCORE_MODULE = "score"
 
@@ -65,11 +67,6 @@ def scalar_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if backbone is None or head is None or backbone is base:
         raise AlignError(f"{type(base).__name__}: not a scalar-head model (no backbone or '{SCORE_MODULE}' head)")
     return backbone, head
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only: ``cumsum(mask) - 1`` (0 on leading pads). (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -260,3 +257,14 @@ def apply_scalar_lora(model, r: int, alpha: int, dropout: float, target_modules:
     if targets != ["all-linear"] and SCORE_MODULE in targets:
         targets = [t for t in targets if t != SCORE_MODULE]
     return apply_lora(model, r, alpha, dropout, targets, task_type="SEQ_CLS", modules_to_save=[SCORE_MODULE])
+
+
+def load_trained_scalar_model(path: str, cfg, weights_dtype: torch.dtype, pad_token_id: int | None):
+    """A scalar model a stage trains (the reward model, the PPO critic): :func:`load_scalar_model` (a new head
+    from ``cfg.seed``) with LoRA (``cfg.use_lora``, see :func:`apply_scalar_lora`) and gradient checkpointing
+    as configured."""
+    model = load_scalar_model(path, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
+                              pad_token_id=pad_token_id)
+    lora = (lambda m: apply_scalar_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            ) if cfg.use_lora else None
+    return make_trainable(model, cfg.gradient_checkpointing, lora)

@@ -12,6 +12,7 @@ sits in masked positions (padding logits, 1e9, inf) never reaches a result or a 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -22,20 +23,28 @@ Tensor = torch.Tensor
 __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "KL_PENALTIES",
+    "LOSS_TYPES",
+    "POLICY_LOSSES",
     "aggregate",
     "aggregate_count",
     "bradley_terry_loss",
     "categorical_kl",
     "clipped_surrogate_loss",
+    "comparison_loss",
     "entropy_from_logits",
     "explained_variance",
+    "grpo_loss",
     "kl_estimate",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "policy_gradient_loss",
+    "ppo_loss",
+    "register_policy_loss",
     "token_logprobs",
+    "trpo_loss",
     "value_loss",
 ]
 
@@ -455,3 +464,149 @@ def aggregate_count(mask: Tensor, mode: str = "token-mean") -> Tensor:
         raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATIONS)}")
     valid = _valid(mask)
     return (valid.sum() if mode == "token-mean" else valid.any(-1).sum()).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparisons (reward models)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def comparison_loss(rewards: Tensor, better: Tensor, worse: Tensor, margins: Tensor, pair_group: Tensor,
+                    response_group: Tensor, num_groups: int, center_coef: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Summed Bradley–Terry loss of a batch of comparisons, each comparison (prompt) weighing the same.
+
+    With r the rewards of the batch's distinct responses, P_g the (better c, worse w) pairs of comparison g
+    and R_g its responses:
+
+        L = Σ_g [ 1/|P_g| Σ_{(c,w)∈P_g} −log σ(r_c − r_w − m_cw)  +  λ · 1/|R_g| Σ_{i∈R_g} r_i² ]
+
+    (Ouyang et al. 2022 eq. 1 averages the K(K−1)/2 pairs of a prompt the same way; the margin is Llama 2's;
+    the second term, λ = ``center_coef``, is reward centring: a penalty on the mean squared reward that keeps
+    rewards near zero. For a pair it is λ(r_c² + r_w²)/2; TRL's ``center_rewards_coefficient`` penalises
+    (r_c + r_w)² instead, the offset only.) Returns the SUM over groups (the caller divides by the global
+    number of comparisons) and the per-pair BT losses (P,).
+
+    Shapes: ``rewards`` (N,), ``response_group`` (N,) long in [0, G); ``better``, ``worse`` (P,) long indices
+    into ``rewards``; ``margins`` (P,); ``pair_group`` (P,) long in [0, G). Every group has at least one pair.
+    """
+    per_pair = bradley_terry_loss(rewards[better], rewards[worse], margins)
+    pairs_per_group = torch.bincount(pair_group, minlength=num_groups).to(rewards.dtype)
+    loss = (per_pair / pairs_per_group[pair_group]).sum()
+    if center_coef:
+        resp_per_group = torch.bincount(response_group, minlength=num_groups).to(rewards.dtype)
+        loss = loss + center_coef * (rewards.pow(2) / resp_per_group[response_group]).sum()
+    return loss, per_pair
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policy objectives: one table, one entry per algorithm
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Each entry is a pure function ``(logp, old_logp, advantages, mask, *, ...) -> (loss, detached stats)`` whose
+# loss is minimised; the RL stages look theirs up here by name (``POLICY_LOSSES["ppo"]``), so a new objective is
+# one registered function, not a branch inside a trainer.
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
+
+
+def register_policy_loss(name: str):
+    """Decorator: add a policy objective to :data:`POLICY_LOSSES` under ``name``."""
+
+    def add(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+register_policy_loss("reinforce")(policy_gradient_loss)
+
+# GRPO's loss_type -> aggregation mode of :func:`aggregate`. TRL's names: "dapo" normalises by the valid tokens of
+# the whole step's batch (all micro-batches and processes: our token-mean with num_items); "grpo" averages each
+# sequence's token mean; "dr_grpo" sums each sequence's tokens and divides by the constant max_new_tokens.
+LOSS_TYPES: dict[str, str] = {"dapo": "token-mean", "grpo": "seq-mean-token-mean",
+                              "dr_grpo": "seq-mean-token-sum-norm", **{m: m for m in AGGREGATIONS}}
+
+
+def _kl_to_ref(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, estimator: str) -> Tensor:
+    # KL(π_θ ‖ π_ref) on tokens sampled by π_old (≈ π_θ within a step), as GRPO's loss term
+    return kl_estimate(logp, ref_logp, estimator)
+
+
+def _kl_to_old(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, estimator: str) -> Tensor:
+    # KL(π_old ‖ π_θ) on tokens sampled by π_old: the PPO paper's penalty (Schulman et al. 2017, eq. 8)
+    return kl_estimate(old_logp, logp, estimator)
+
+
+# kl_to -> per-token KL term of an objective: (logp, old_logp, ref_logp, estimator) -> (B, T)
+KL_PENALTIES: dict[str, Callable[[Tensor, Tensor, Tensor | None, str], Tensor]] = {
+    "ref": _kl_to_ref,
+    "old": _kl_to_old,
+}
+
+
+@register_policy_loss("ppo")
+def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, values: Tensor, old_values: Tensor,
+             returns: Tensor, mask: Tensor, *, cliprange: float | None = 0.2, cliprange_value: float | None = 0.2,
+             vf_coef: float = 0.1, entropy: Tensor | None = None, entropy_coef: float = 0.0,
+             kl_coef: float = 0.0, kl_to: str = "ref", ref_logp: Tensor | None = None, kl_estimator: str = "k1",
+             num_items: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO objective on one (micro-)batch, negated for minimisation; every term is a token mean.
+
+    ``L = L_clip + vf_coef·L_V − entropy_coef·H + kl_coef·KL`` with ``L_clip`` the clipped surrogate
+    (``cliprange=None``: unclipped ``−ρA``), ``L_V`` the value loss clipped around ``old_values``
+    (``cliprange_value=None``: unclipped), ``H`` the entropy (needs ``entropy``) and ``KL`` the penalty
+    ``KL_PENALTIES[kl_to]`` (needs ``ref_logp`` for "ref"). ``num_items`` replaces the token count of every mean
+    (see :func:`aggregate`) for exact gradient accumulation.
+
+    Shapes: all (B, C). Returns (loss, detached stats: policy_loss, value_loss, clip_frac, approx_kl,
+    vf_clip_frac, and entropy / kl_penalty when used)."""
+    eps = math.inf if cliprange is None else cliprange
+    pg, pg_stats = clipped_surrogate_loss(logp, old_logp, advantages, mask, epsilon=eps, num_items=num_items)
+    vl, v_stats = value_loss(values, old_values, returns, mask, clip_range=cliprange_value, num_items=num_items)
+    loss = pg + vf_coef * vl
+    stats = {"policy_loss": pg.detach(), "value_loss": vl.detach(), "clip_frac": pg_stats["clip_frac"],
+             "approx_kl": pg_stats["approx_kl"], "vf_clip_frac": v_stats["vf_clip_frac"]}
+    if entropy is not None and entropy_coef:
+        ent = aggregate(entropy, mask, num_items=num_items)
+        loss = loss - entropy_coef * ent
+    if kl_coef:
+        kl = aggregate(KL_PENALTIES[kl_to](logp, old_logp, ref_logp, kl_estimator), mask, num_items=num_items)
+        loss = loss + kl_coef * kl
+        stats["kl_penalty"] = kl.detach()
+    return loss, stats
+
+
+@register_policy_loss("grpo")
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float = 0.2,
+              epsilon_high: float | None = None, agg: str = "token-mean", max_len: int | None = None,
+              num_items: float | Tensor | None = None, beta: float = 0.0, ref_logp: Tensor | None = None,
+              kl_estimator: str = "k3") -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO objective (DeepSeekMath eq. 3 with our aggregation modes), negated for minimisation.
+
+    ``L = agg_t(−min(ρ_t Â, clip(ρ_t, 1 − ε, 1 + ε_high) Â) + β · KL_t)``, ``ρ_t = exp(log π_θ − log π_old)``,
+    ``KL_t`` the per-token estimator ``kl_estimator`` of KL(π_θ ‖ π_ref) (k3: ``π_ref/π_θ − log(π_ref/π_θ) − 1``,
+    eq. 4). The KL term is aggregated like the surrogate (as TRL does). ``agg``, ``max_len`` and ``num_items``
+    as in :func:`aggregate`.
+
+    Shapes: logp, old_logp, mask, ref_logp (B, T); advantages (B,) per completion. Returns (loss, detached
+    stats: policy_loss, clip_frac, approx_kl, ratio_mean, and kl_penalty when beta > 0)."""
+    pg, stats = clipped_surrogate_loss(logp, old_logp, advantages, mask, epsilon=epsilon,
+                                       epsilon_high=epsilon_high, agg=agg, max_len=max_len, num_items=num_items)
+    stats = {"policy_loss": pg.detach(), **stats}
+    loss = pg
+    if beta:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl = aggregate(kl_estimate(logp, ref_logp, kl_estimator), mask, agg, max_len=max_len, num_items=num_items)
+        loss = loss + beta * kl
+        stats["kl_penalty"] = kl.detach()
+    return loss, stats
+
+
+@register_policy_loss("trpo")
+def trpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, agg: str = "token-mean",
+              num_items: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Minus TRPO's surrogate objective ``L(θ) = agg(ρ_t Â_t)``, ``ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)``
+    (Schulman et al. 2015 eq. 14): PPO's objective without clipping. Shapes: (B, T) each → (scalar, stats)."""
+    return clipped_surrogate_loss(logp, old_logp, advantages, mask, epsilon=math.inf, agg=agg, num_items=num_items)

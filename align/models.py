@@ -206,11 +206,86 @@ class SelectiveLM(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+class GroupLM(SelectiveLM):
+    """A :class:`SelectiveLM` whose forward can encode each distinct prompt once for all its completions.
+
+    Called as a SelectiveLM (``input_ids, select, attention_mask, position_ids``) it is one. Called with
+    ``completion_ids`` it takes the U distinct prompts ``input_ids``/``attention_mask`` (U, P) (left-padded), the
+    B completions ``completion_ids``/``completion_mask`` (B, C) (right-padded) and ``prompt_index`` (B,) long (the
+    prompt of each completion), runs the prompts through the model once with a KV cache, gathers that cache to
+    the B rows (a differentiable index, so gradients reach the prompt's computation from every completion) and
+    runs the completions on top of it. It returns the logits (N, V) at the N valid completion tokens in
+    row-major order — the same positions and values (up to float rounding) as ``SelectiveLM`` on the
+    concatenated prompt + completion inputs, with the prompt tokens computed U times instead of B times.
+
+    Completion token 0 is predicted from the prompt's last hidden state, token t > 0 from completion token t − 1,
+    at position ids that continue the prompt's real tokens; tokens after a completion's EOS are masked keys that
+    no valid token can see (causal attention). Gradient checkpointing and a KV cache do not mix in
+    transformers: train with the plain SelectiveLM call when it is on."""
+
+    def forward(self, input_ids: torch.Tensor, select: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False, completion_ids: torch.Tensor | None = None,
+                completion_mask: torch.Tensor | None = None, prompt_index: torch.Tensor | None = None):
+        if completion_ids is None:
+            return super().forward(input_ids, select, attention_mask, position_ids, return_hidden)
+        from .data import position_ids_from_mask
+
+        backbone, head = lm_parts(self.model)
+        pmask = attention_mask.long()
+        ppos = position_ids_from_mask(pmask)
+        cache, arg = new_cache(self.model, backbone)
+        out = backbone(input_ids=input_ids, attention_mask=pmask, position_ids=ppos, use_cache=True,
+                       **{arg: cache})
+        h_prompt = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[:, -1]  # (U, H)
+        parts = [h_prompt[prompt_index].unsqueeze(1)]
+        c = completion_ids.shape[1]
+        if c > 1:
+            cache.batch_select_indices(prompt_index)
+            att = torch.cat([pmask[prompt_index], completion_mask[:, :-1].long()], dim=1)
+            pos = ppos[prompt_index, -1:] + 1 + torch.arange(c - 1, device=ppos.device)
+            out = backbone(input_ids=completion_ids[:, :-1], attention_mask=att, position_ids=pos, use_cache=True,
+                           **{arg: cache})
+            parts.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+        hidden = torch.cat(parts, dim=1)[completion_mask.bool()]  # (N, H)
+        return _final_logits(unwrap_peft(self.model), head(hidden))
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return train, total
+def new_cache(model: nn.Module, module: nn.Module | None = None) -> tuple[Any, str]:
+    """An empty ``DynamicCache`` for `model` and the keyword of ``module.forward`` (default: the model's) that
+    takes it (``cache`` in recent transformers, ``past_key_values`` before). Each forward fills it in place."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    base = unwrap_peft(model)
+    params = inspect.signature((module or base).forward).parameters
+    arg = "cache" if "cache" in params else "past_key_values"
+    try:
+        cache = DynamicCache(config=base.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    return cache, arg
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (modules and config attributes), so the policy that is trained is the
+    one that sampled: ratios are exactly 1 before the first update, in train() mode too."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        cfg = getattr(m, "config", None)
+        if cfg is not None and not isinstance(cfg, dict):
+            for k, v in list(vars(cfg).items()):
+                if isinstance(v, float) and (k.endswith("dropout") or k.endswith("pdrop")):
+                    setattr(cfg, k, 0.0)
+
+
+def load_trained_lm(cfg, tokenizer, weights_dtype: torch.dtype):
+    """The causal LM a stage trains, from ``cfg.model``: special tokens aligned with the tokenizer, LoRA
+    (``cfg.use_lora``) and gradient checkpointing (``cfg.gradient_checkpointing``) as configured."""
+    model = load_causal_lm(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
+    sync_special_tokens(model, tokenizer)
+    lora = (lambda m: apply_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            ) if cfg.use_lora else None
+    return make_trainable(model, cfg.gradient_checkpointing, lora)

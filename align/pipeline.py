@@ -21,17 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import STAGE_CONFIGS, AlignError, _f, build_config, read_yaml
-
-RL_STAGES = ("ppo", "grpo", "trpo", "reinforce")
-RUNNERS = {
-    "sft": "align.trainers.sft:train_sft",
-    "rm": "align.trainers.reward:train_rm",
-    "ppo": "align.trainers.ppo:train_ppo",
-    "grpo": "align.trainers.grpo:train_grpo",
-    "trpo": "align.trainers.trpo:train_trpo",
-    "reinforce": "align.trainers.reinforce:train_reinforce",
-}
+from .config import AlignError, _f, build_config, read_yaml
+from .stages import RL_STAGES, config_class, runner
 
 
 @dataclass
@@ -62,17 +53,10 @@ class PipelineConfig:
                              "tiny model runs fastest on 1).")
 
 
-def _runner(stage: str):
-    import importlib
-
-    module, name = RUNNERS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def stage_config(stage: str, recipe: str, links: dict[str, Any], overrides: dict[str, Any]) -> Any:
     """The stage's config: its recipe file, then the pipeline's links, then the user's overrides."""
     values = read_yaml(recipe) if recipe else {}
-    cls = STAGE_CONFIGS[stage]
+    cls = config_class(stage)
     build_config(cls, values, recipe)  # the recipe's own errors name the recipe
     values.update(links)
     values.update(overrides or {})
@@ -158,7 +142,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     for stage in ["sft", *(["rm"] if cfg.rm else []), *cfg.rl_stages]:
         print(f"\n=== {stage} ===", flush=True)
         t0 = time.perf_counter()
-        last = _runner(stage)(configs[stage]) or {}
+        last = runner(stage)(configs[stage]) or {}
         entry: dict[str, Any] = {"seconds": time.perf_counter() - t0, "model": dirs[stage]}
         if stage == "rm":
             entry["pairwise_accuracy"] = last.get("eval_accuracy")

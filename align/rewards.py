@@ -129,3 +129,44 @@ def combine(components: dict[str, list[float]], weights: Sequence[float] | None)
         raise AlignError(f"reward_weights has {len(weights)} values for {len(names)} reward sources")
     n = len(next(iter(components.values()))) if components else 0
     return [sum(w * components[k][i] for k, w in zip(names, weights)) for i in range(n)]
+
+
+def score_completions(sources: dict[str, RewardFn], prompts: Sequence[Any], completions: Sequence[str],
+                      columns: dict[str, Sequence[Any]], weights: Sequence[float] | None = None
+                      ) -> tuple[list[float], dict[str, list[float]]]:
+    """(combined rewards ``Σ_k w_k r_k``, each source's unweighted rewards) of the completions. Every source sees
+    every completion; a failing source is reported with its input (:func:`call_reward`)."""
+    if not sources:
+        raise ValueError("no reward sources")
+    comps = {name: call_reward(name, fn, prompts, completions, dict(columns)) for name, fn in sources.items()}
+    return combine(comps, [float(w) for w in weights] if weights else None), comps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reward sources of a config
+
+REWARD_MODEL_NAME = "reward_model"
+
+
+def source_name(spec: str) -> str:
+    """Short metric name of a reward spec: 'exact_match', 'rewards.py:fn' -> 'fn', 'pkg.mod:fn' -> 'fn'."""
+    return spec.rsplit(":", 1)[-1] if ":" in spec else spec
+
+
+def functions(specs: Sequence[str]) -> dict[str, RewardFn]:
+    """name -> function for reward specs, in order (a bad spec fails here, named)."""
+    return {source_name(spec): load_function(spec) for spec in specs}
+
+
+def reward_sources(cfg, device) -> dict[str, RewardFn]:
+    """name -> reward function of an RL config: the reward model (if set, first, loaded once) then reward_funcs,
+    in config order."""
+    sources: dict[str, RewardFn] = {}
+    if cfg.reward_model:
+        from .scoring import RewardModelScorer
+
+        sources[REWARD_MODEL_NAME] = RewardModelScorer(cfg.reward_model, device=device, dtype=cfg.dtype,
+                                                       batch_size=max(cfg.per_device_eval_batch_size, 1),
+                                                       trust_remote_code=cfg.trust_remote_code)
+    sources.update(functions(cfg.reward_funcs))
+    return sources

@@ -28,8 +28,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .data import position_ids_from_mask
 from .losses import entropy_from_logits, token_logprobs
-from .rewards import call_reward, combine
+from .models import GroupLM, new_cache
+from .rewards import score_completions
 
 Tensor = torch.Tensor
 RewardSource = Callable[..., Sequence[float]]
@@ -125,11 +127,6 @@ class Samples:
 # sampling
 
 
-def position_ids_from_mask(mask: Tensor) -> Tensor:
-    """Positions that count real tokens only: ``cumsum(mask) − 1``, 0 on leading pads. (B, T) → (B, T)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def filter_logits(z: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Logits with everything outside the top-k tokens and the top-p nucleus set to −inf. (B, V) → (B, V).
 
@@ -170,25 +167,6 @@ def make_generator(device: torch.device | str, *key: Any) -> torch.Generator:
     uninterrupted one without storing generator state."""
     digest = hashlib.sha256(repr(key).encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def new_cache(model: nn.Module) -> tuple[Any, str]:
-    """An empty ``DynamicCache`` for `model` and the forward keyword that takes it (``cache`` in recent
-    transformers, ``past_key_values`` before). The cache is filled in place by each forward."""
-    import inspect
-
-    from transformers import DynamicCache
-
-    from .models import unwrap_peft
-
-    base = unwrap_peft(model)
-    params = inspect.signature(base.forward).parameters
-    arg = "cache" if "cache" in params else "past_key_values"
-    try:
-        cache = DynamicCache(config=base.config)
-    except TypeError:  # older transformers
-        cache = DynamicCache()
-    return cache, arg
 
 
 @torch.no_grad()
@@ -285,6 +263,17 @@ def completion_logprobs(lm: nn.Module, rollout: Rollout | Samples, temperature: 
                                   with_entropy)
 
 
+def group_completion_logprobs(model: nn.Module, rollout: Rollout, temperature: float = 1.0) -> Tensor:
+    """:func:`completion_logprobs` of a causal LM on a rollout of groups (rows ``[g·G, (g+1)·G)`` share a
+    prompt), each prompt encoded once for its group (:class:`align.models.GroupLM`). (B, C), 0 where masked."""
+    g, dev = rollout.group_size, rollout.prompt_ids.device
+    first = torch.arange(0, len(rollout), g, device=dev)
+    logits = GroupLM(model)(rollout.prompt_ids[first], attention_mask=rollout.prompt_mask[first],
+                            completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
+                            prompt_index=torch.arange(len(rollout), device=dev) // g)
+    return logprobs_from_selected(logits, rollout.completion_ids, rollout.completion_mask, temperature)[0]
+
+
 def logprobs_from_selected(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                            temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """(B, C) logprobs (and entropies) from logits (N, V) at the selected positions of `sequence_inputs`."""
@@ -313,18 +302,13 @@ def decode_completions(tokenizer, completion_ids: Tensor, completion_mask: Tenso
 def score(prompts: Sequence[Any], texts: Sequence[str], columns: dict[str, Sequence[Any]], eos: Tensor,
           sources: dict[str, RewardSource], weights: Sequence[float] | None = None,
           missing_eos_penalty: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Combined reward (B,) and each source's unweighted reward (B,) for the completions.
-
-    ``sources`` maps a name to a reward function ``fn(prompts=, completions=, **columns) -> B floats`` (built-in,
-    user function or a reward-model scorer). The combined reward is ``Σ_k w_k r_k − missing_eos_penalty·[no
-    EOS]``. Every source sees every completion; a failing source is reported with its input."""
-    if not sources:
-        raise ValueError("no reward sources")
-    comps = {name: call_reward(name, fn, prompts, texts, dict(columns)) for name, fn in sources.items()}
-    total = torch.tensor(combine(comps, [float(w) for w in weights] if weights else None), dtype=torch.float32)
+    """Combined reward (B,) and each source's unweighted reward (B,) float32 of the completions: ``Σ_k w_k r_k −
+    missing_eos_penalty·[no EOS]`` (:func:`align.rewards.score_completions`, as tensors, with the penalty)."""
+    total, comps = score_completions(sources, prompts, texts, columns, weights)
+    out = torch.tensor(total, dtype=torch.float32)
     if missing_eos_penalty:
-        total = total - missing_eos_penalty * (~eos.cpu()).float()
-    return total, {k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()}
+        out = out - missing_eos_penalty * (~eos.cpu()).float()
+    return out, {k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()}
 
 
 def repeat_rows(values: Sequence[Any], g: int) -> list[Any]:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from .config import AlignError, _f
-from .data import Rows, batched, encode_completion, encode_prompt, is_chat, left_pad, read_rows, require_text
+from .data import (Rows, batched, encode_completion, encode_prompt, is_chat, left_pad, read_rows, require_text,
+                   write_atomic)
 from .heads import load_scalar_model, sequence_scores
 from .models import default_device, frozen_dtype, load_tokenizer
 
@@ -189,22 +189,6 @@ def _row_items(data: Rows, i: int, scorer: RewardModelScorer, col: str) -> list[
                      f"prompt+responses, messages or text; found {', '.join(row) or 'none'})")
 
 
-def write_jsonl_atomic(path: str, rows: Sequence[dict]) -> None:
-    """Write rows as JSON lines to a temporary file in the same directory, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".score-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def default_output(data: str) -> str:
     if not os.path.isfile(data):
         raise AlignError(f"{data}: set --output (the data is not a local file)")
@@ -243,7 +227,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
             if k == 0:
                 rows[i][c] = [None] * len(data.rows[i]["responses"])
             rows[i][c][k] = r
-    write_jsonl_atomic(output, rows)
+    write_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary: dict[str, Any] = {"output": output, "rows": len(rows), "scored": len(rewards),
                                "reward_mean": sum(rewards) / len(rewards)}
     chosen, rejected = f"{cfg.reward_column}_chosen", f"{cfg.reward_column}_rejected"

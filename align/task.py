@@ -32,6 +32,8 @@ import os
 import random
 import re
 
+from .data import write_atomic
+
 __all__ = [
     "LOW",
     "HIGH",
@@ -111,11 +113,7 @@ def _ranked_responses(a: int, b: int, k: int, rng: random.Random) -> list[str]:
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def generate_task(

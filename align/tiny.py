@@ -49,7 +49,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "build_tokenizer",
-    "build_config",
+    "model_config",
     "build_model",
     "save_tiny_model",
     "TinyModelConfig",
@@ -148,7 +148,7 @@ def build_tokenizer():
     return tok
 
 
-def build_config(
+def model_config(
     tokenizer,
     arch: str = "llama",
     hidden_size: int = 64,
@@ -186,25 +186,16 @@ def build_config(
     return AutoConfig.for_model(arch, **sizes, **ids)
 
 
-def build_model(
-    tokenizer,
-    arch: str = "llama",
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 64,
-    seed: int = 0,
-):
-    """A randomly initialised float32 ``AutoModelForCausalLM`` of architecture ``arch`` (one of ``ARCHS``).
+def build_model(tokenizer, seed: int = 0, **sizes):
+    """A randomly initialised float32 ``AutoModelForCausalLM`` of the architecture and sizes ``sizes`` (the
+    keyword arguments of :func:`model_config`: arch, hidden_size, num_layers, num_heads, ...).
 
     The same arguments and ``seed`` give bit-identical weights; the global torch RNG is left untouched.
     pad/bos/eos ids are set in both ``model.config`` and ``model.generation_config``.
     """
     from transformers import AutoModelForCausalLM
 
-    config = build_config(tokenizer, arch, hidden_size, num_layers, num_heads, intermediate_size,
-                          max_position_embeddings)
+    config = model_config(tokenizer, **sizes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

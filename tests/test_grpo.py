@@ -11,6 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main
+import align.advantages as A
+from align.comparisons import group_comparisons
+from align.losses import LOSS_TYPES, POLICY_LOSSES, grpo_loss
+from align.models import GroupLM
 from align.trainers import grpo as G
 from conftest import addition_rows, read_metrics, write_jsonl
 
@@ -63,19 +67,19 @@ def test_scale_rewards_maps_onto_the_advantage_table_by_hand():
     r = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 6.0, 5.0, 5.0])  # two groups of 4
     # group 1: mean 1, centred [0, 2, -1, -1]; group 2: mean 4.5, centred [-2.5, 1.5, 0.5, 0.5]
     centred = torch.tensor([0.0, 2.0, -1.0, -1.0, -2.5, 1.5, 0.5, 0.5])
-    none = G.grpo_advantages(r, 4, "zscore", "none")
+    none = A.grpo_advantages(r, 4, "zscore", "none")
     torch.testing.assert_close(none, centred)  # no std: Dr. GRPO's R - mean
     # batch: one std over all 8 rewards (unbiased): mean 22/8 = 2.75, sum of squares 100 -> var (100 - 8*2.75^2)/7
     batch_std = math.sqrt((100 - 8 * 2.75 ** 2) / 7)
-    torch.testing.assert_close(G.grpo_advantages(r, 4, "zscore", "batch"), centred / (batch_std + 1e-4))
+    torch.testing.assert_close(A.grpo_advantages(r, 4, "zscore", "batch"), centred / (batch_std + 1e-4))
     # group: each group's unbiased std: sqrt(6/3) and sqrt(9/3)
     group = centred / torch.tensor([math.sqrt(2)] * 4 + [math.sqrt(3)] * 4)
-    torch.testing.assert_close(G.grpo_advantages(r, 4, "zscore", "group", eps=0.0), group)
+    torch.testing.assert_close(A.grpo_advantages(r, 4, "zscore", "group", eps=0.0), group)
     # softmax with temperature 0.5 sums to zero per group and ignores scale_rewards=none
-    soft = G.grpo_advantages(r, 4, "softmax", "none", softmax_beta=0.5)
+    soft = A.grpo_advantages(r, 4, "softmax", "none", softmax_beta=0.5)
     torch.testing.assert_close(soft, torch.softmax(0.5 * r.view(2, 4), 1).flatten() - 0.25)
     assert soft.view(2, 4).sum(1).abs().max() < 1e-6
-    assert G.group_reward_std(r, 4).item() == pytest.approx((math.sqrt(2) + math.sqrt(3)) / 2)
+    assert A.group_reward_std(r, 4).item() == pytest.approx((math.sqrt(2) + math.sqrt(3)) / 2)
 
 
 def _slow_grpo_loss(logp, old, adv, mask, eps_lo, eps_hi, beta, ref, mode, max_len):
@@ -102,7 +106,7 @@ def _slow_grpo_loss(logp, old, adv, mask, eps_lo, eps_hi, beta, ref, mode, max_l
     return sum(per_seq) / n_seq
 
 
-@pytest.mark.parametrize("loss_type", list(G.LOSS_TYPES))
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
 def test_grpo_loss_matches_a_slow_loop_and_splits_exactly(loss_type):
     g = torch.Generator().manual_seed(0)
     b, t = 6, 5
@@ -112,15 +116,15 @@ def test_grpo_loss_matches_a_slow_loop_and_splits_exactly(loss_type):
     adv = torch.randn(b, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
                          [1, 1, 0, 0, 0]])
-    mode = G.LOSS_TYPES[loss_type]
+    mode = LOSS_TYPES[loss_type]
     kw = dict(epsilon=0.2, epsilon_high=0.28, agg=mode, max_len=8, beta=0.04)
-    loss, stats = G.grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    loss, stats = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
     expect = _slow_grpo_loss(logp, old, adv, mask, 0.2, 0.28, 0.04, ref, mode, 8)
     assert loss.item() == pytest.approx(expect, rel=1e-12)
     assert stats["kl_penalty"].item() > 0 and "clip_frac" in stats
     # two micro-batches with the whole batch's count as num_items sum to the whole loss
     n = float(mask.sum()) if mode == "token-mean" else float(b)
-    halves = [G.grpo_loss(logp[i], old[i], adv[i], mask[i], ref_logp=ref[i], num_items=n, **kw)[0]
+    halves = [grpo_loss(logp[i], old[i], adv[i], mask[i], ref_logp=ref[i], num_items=n, **kw)[0]
               for i in (slice(0, 2), slice(2, 6))]
     assert (halves[0] + halves[1]).item() == pytest.approx(loss.item(), rel=1e-12)
 
@@ -128,7 +132,7 @@ def test_grpo_loss_matches_a_slow_loop_and_splits_exactly(loss_type):
 def test_group_comparisons_pair_only_completions_ranked_apart():
     texts = ["12", "13", "12", "14", "5", "5", "5", "5"]
     labels = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    out = G.group_comparisons(labels, texts, 4)
+    out = group_comparisons(labels, texts, 4)
     # group 1: distinct texts at rows 0, 1, 3 ("12" once); "12" (label 1) beats "13" and "14", which tie
     assert out == [([0, 1, 3], [(0, 1), (0, 2)])]  # group 2: one distinct text, no comparison
     assert G.rows_with_gradient(torch.tensor([0.0, 0.5, 0.0, -1.0]), beta=0.0).tolist() == [1, 3]
@@ -158,7 +162,7 @@ def test_prompt_once_training_forward_equals_the_full_forward(arch, tmp_path):
     assert prompt_index.tolist() == [0, 0, 1, 1, 1, 2] and first.tolist() == [0, 2, 5]
 
     def run(fn):
-        lm = G.GroupLM(model)
+        lm = GroupLM(model)
         lm.zero_grad()
         logits = fn(lm)
         (logits.float().log_softmax(-1)[:, 7:40].sum()).backward()
@@ -175,7 +179,7 @@ def test_prompt_once_training_forward_equals_the_full_forward(arch, tmp_path):
     assert g_once.keys() == g_full.keys() and len(g_full) > 0
     for k in g_full:
         torch.testing.assert_close(g_once[k], g_full[k], atol=2e-5, rtol=1e-4)
-    assert isinstance(G.GroupLM(model), SelectiveLM)
+    assert isinstance(GroupLM(model), SelectiveLM)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,13 +189,13 @@ def test_prompt_once_training_forward_equals_the_full_forward(arch, tmp_path):
 def test_settings_reach_the_math_and_skipping_zero_advantage_rows_changes_nothing(tiny_model_dir, files,
                                                                                   tmp_path, monkeypatch):
     seen = []
-    real_adv = G.group_advantages
+    real_adv = A.group_advantages
 
     def spy(rewards, group_size, kind, beta, eps, scale):
         seen.append((group_size, kind, beta, scale))
         return real_adv(rewards, group_size, kind, beta, eps, scale)
 
-    monkeypatch.setattr(G, "group_advantages", spy)
+    monkeypatch.setattr(A, "group_advantages", spy)
     common = ("--max_steps", "2", "--reward_funcs", fn(files, "mixed"), "--advantage", "softmax",
               "--softmax_beta", "2.5", "--scale_rewards", "none", "--gradient_accumulation_steps", "2")
     out = grpo(tiny_model_dir, files, tmp_path / "skip", *common)
@@ -221,13 +225,13 @@ def test_all_equal_rewards_give_zero_advantage_and_no_update(tiny_model_dir, fil
 
 def test_mu_iterations_use_the_stored_old_logprobs(tiny_model_dir, files, tmp_path, monkeypatch):
     calls = []
-    real = G.grpo_loss
+    real = POLICY_LOSSES["grpo"]
 
     def spy(logp, old_logp, *a, **kw):
         calls.append((logp.detach().clone(), old_logp.clone()))
         return real(logp, old_logp, *a, **kw)
 
-    monkeypatch.setattr(G, "grpo_loss", spy)
+    monkeypatch.setitem(POLICY_LOSSES, "grpo", spy)
     grpo(tiny_model_dir, files, tmp_path / "o", "--max_steps", "1", "--num_iterations", "3", "--learning_rate",
          "3e-3", "--reward_funcs", fn(files, "ordsum"))
     assert len(calls) == 3  # one micro-batch per iteration
@@ -271,7 +275,7 @@ def test_reference_reset_every_n_steps(tiny_model_dir, files, tmp_path):
 
 def test_the_stage_prefills_each_prompt_once_and_matches_repeated_prompts(tiny_model_dir, files, tmp_path,
                                                                           monkeypatch):
-    import align.rollout as ro
+    import align.trainers.rl as ro  # the sampler's generate
 
     captured = []
     real = ro.generate

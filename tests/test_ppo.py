@@ -15,7 +15,9 @@ from align.data import encode_prompt, left_pad
 from align.kl_control import KLController
 from align.models import load_causal_lm, load_tokenizer
 from align.rollout import Rollout, generate, logprobs_from_selected, scatter_tokens, sequence_inputs
-from align.trainers.ppo import PolicyAndValue, per_token_rewards, ppo_advantages, ppo_loss, token_kl
+from align.advantages import per_token_rewards, ppo_advantages, token_kl
+from align.losses import ppo_loss
+from align.trainers.critic import PolicyAndValue
 from conftest import addition_rows, read_metrics, write_jsonl
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from align.advantages import policy_gradient_psi, sequence_baseline
 from align.cli import main
-from align.losses import aggregate_count, policy_gradient_loss
-from align.trainers.reinforce import needs_values, psi_and_value_targets
+from align.losses import POLICY_LOSSES, aggregate_count, policy_gradient_loss
+from align.advantages import needs_values, psi_and_value_targets
 from conftest import read_metrics
 
 # four rollouts of at most 3 tokens, two groups of G = 2; gamma = 0.5, lambda = 0.5
@@ -120,10 +120,10 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, diversity_data, tmp_
     from align.advantages import discounted_returns, reward_to_go
 
     seen = {}
-    real_rollout, real_loss = rf.PGStepBase.rollout, rf.policy_gradient_loss
+    real_rollout, real_loss = rf.psi_rollout, POLICY_LOSSES["reinforce"]
 
-    def spy_rollout(self, step):
-        out = real_rollout(self, step)
+    def spy_rollout(setup, step):
+        out = real_rollout(setup, step)
         seen["rollout"] = out[0]
         return out
 
@@ -131,8 +131,8 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, diversity_data, tmp_
         seen.setdefault("psi", []).append((psi.detach().clone(), mask.clone()))
         return real_loss(logp, psi, mask, *a, **kw)
 
-    monkeypatch.setattr(rf.PGStepBase, "rollout", spy_rollout)
-    monkeypatch.setattr(rf, "policy_gradient_loss", spy_loss)
+    monkeypatch.setattr(rf, "psi_rollout", spy_rollout)
+    monkeypatch.setitem(POLICY_LOSSES, "reinforce", spy_loss)
     prompts, reward = diversity_data
     out = str(tmp_path / "o")
     assert main(["reinforce", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,

@@ -15,7 +15,8 @@ from align.config import AlignError
 from align.data import Rows
 from align.heads import load_scalar_model, scalar_parts, sequence_scores, token_values
 from align.scoring import RewardModelScorer
-from align.trainers.reward import collate, comparison_loss, ranked_pairs, tokenize_comparisons
+from align.comparisons import collate, ranked_pairs, tokenize_comparisons
+from align.losses import comparison_loss
 
 from conftest import write_jsonl
 
@@ -203,7 +204,7 @@ def test_swapping_chosen_and_rejected_flips_the_sign(trained_rm, prefs_file, tmp
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
 def test_shared_prompt_layout_gives_the_same_rewards(which, tiny_model_dir, gpt2_dir, tok):
     from align.heads import ScalarModel
-    from align.trainers.reward import batch_rewards
+    from align.comparisons import batch_rewards
 
     rows = [{"prompt": "What is 12+34?", "chosen": "46", "rejected": "56"},
             {"prompt": "What is 2+2?", "responses": ["4", "5", "22", "3"]},

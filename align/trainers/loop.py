@@ -1,9 +1,12 @@
 """Plumbing shared by every stage: accelerate set-up, optimizer and schedule, the step loop with logging,
-evaluation and atomic, exactly-resumable checkpoints.
+evaluation and checkpoints (written by `checkpoints.py`, recorded by `metrics.py`).
 
-A stage supplies a `step_fn(step) -> metrics` that does its forward/backward work for one optimizer step (it
-calls `run.backward` and `run.optimizer_step`), an optional `eval_fn(step) -> metrics`, and an optional
-`extra_state` object with `state_dict()`/`load_state_dict()` (e.g. a KL controller) that is checkpointed too.
+A stage supplies a `step_fn(step) -> metrics` that does its forward/backward work for one optimizer step, an
+optional `eval_fn(step) -> metrics`, and an optional `extra_state` object with `state_dict()`/`load_state_dict()`
+(e.g. a KL controller) that is checkpointed too. Inside a step every stage uses the same three pieces:
+`run.accumulate(micro_batches)` (the gradient-accumulation loop: no gradient sync until the last micro-batch,
+autocast), `run.backward(loss)` and `run.optimizer_step()` (sum gradients over processes where accelerate does
+not, clip, step, zero, advance the schedule).
 """
 
 from __future__ import annotations
@@ -13,18 +16,17 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..config import AlignError, to_dict
+from ..data import global_batch_indices, split_micro_batches
 from ..models import default_device, resolve_dtype
-
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
+from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .metrics import MetricsLogger, check_finite, mean_rows
 
 
 def seed_everything(seed: int) -> None:
@@ -36,42 +38,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover
         pass
-
-
-def check_output_dir(cfg) -> None:
-    """Refuse to mix a new run into a used output_dir (without writing anything)."""
-    if not cfg.output_dir:
-        raise AlignError("output_dir is not set")
-    if os.path.isfile(cfg.output_dir):
-        raise AlignError(f"{cfg.output_dir}: output_dir is a file")
-    if cfg.resume_from_checkpoint:
-        return
-    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite_output_dir:
-        raise AlignError(f"{cfg.output_dir}: output_dir is not empty (set overwrite_output_dir or "
-                         f"resume_from_checkpoint)")
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    steps = [int(d[len(CHECKPOINT_PREFIX):]) for d in os.listdir(root)
-             if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
-    return os.path.join(root, f"{CHECKPOINT_PREFIX}{max(steps)}") if steps else None
-
-
-def resolve_checkpoint(cfg) -> str | None:
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint == "latest":
-        path = latest_checkpoint(cfg.output_dir)
-        if path is None:
-            raise AlignError(f"{cfg.output_dir}: resume_from_checkpoint=latest but no checkpoint found")
-        return path
-    path = cfg.resume_from_checkpoint
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise AlignError(f"{path}: not a checkpoint (no {STATE_FILE})")
-    return path
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -107,67 +73,6 @@ def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg, lr: float | None
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **fused)
 
 
-class MetricsLogger:
-    """metrics.jsonl (one object per logged step, with `step`), optional tensorboard, and the progress bar."""
-
-    def __init__(self, output_dir: str, enabled: bool, total: int, start: int, report_to: str = "none",
-                 disable_tqdm: bool = False, desc: str = ""):
-        self.enabled = enabled
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.tb = None
-        self.bar = None
-        if not enabled:
-            return
-        if start > 0 and os.path.exists(self.path):
-            # drop lines logged after the checkpoint we resume from: they will be logged again
-            with open(self.path, encoding="utf-8") as fh:
-                keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= start]
-            with open(self.path, "w", encoding="utf-8") as fh:
-                fh.writelines(keep)
-        elif start == 0 and os.path.exists(self.path):
-            os.remove(self.path)
-        if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        if not disable_tqdm:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, step)
-        if self.bar is not None:
-            shown = {k: v for k, v in row.items() if k in ("loss", "eval_loss", "reward", "accuracy", "kl")}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)}, refresh=False)
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
 class Run:
     """One training run: the accelerator, the trained module, its optimizer and schedule, logging and
     checkpoints. Stages build their models, then call `prepare`, then `train`."""
@@ -188,7 +93,6 @@ class Run:
         self.model: nn.Module | None = None
         self.optimizer = None
         self.scheduler = None
-        self.extra_state: Any = None
         self.start_step = 0
         self.logger: MetricsLogger | None = None
         self.timers: dict[str, float] = {}
@@ -207,10 +111,11 @@ class Run:
                                                                                  max_steps))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
-        self.extra_state = extra_state
+        if extra_state is not None:
+            self.accelerator.register_for_checkpointing(extra_state)
         ckpt = resolve_checkpoint(cfg)
         if ckpt is not None:
-            self._load_checkpoint(ckpt)
+            self.start_step = load_checkpoint(self, ckpt)
         os.makedirs(cfg.output_dir, exist_ok=True)
         if self.is_main:
             with open(os.path.join(cfg.output_dir, f"{self.stage}_config.json"), "w", encoding="utf-8") as fh:
@@ -223,6 +128,24 @@ class Run:
         return self.accelerator.unwrap_model(self.model)
 
     # -- per step ---------------------------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step over all processes: per-device batch x accumulation x processes."""
+        return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps * self.world
+
+    def micro_batches(self, step: int, num_examples: int) -> tuple[list[int], list[list[int]]]:
+        """(the global batch of `step`: indices into the data, a function of the step alone; this process's
+        gradient_accumulation_steps micro-batches of it)."""
+        indices = global_batch_indices(step, num_examples, self.global_batch, self.cfg.seed)
+        return indices, split_micro_batches(indices, self.world, self.rank, self.cfg.gradient_accumulation_steps)
+
+    def accumulate(self, micro: Sequence[Any]) -> Iterator[Any]:
+        """The gradient-accumulation loop: yields each micro-batch with the gradient all-reduce skipped until the
+        last one and accelerate's autocast on, so the body only computes its loss and calls `backward`."""
+        for k, item in enumerate(micro):
+            with self.no_sync(last=k == len(micro) - 1), self.accelerator.autocast():
+                yield item
+
     def no_sync(self, last: bool):
         """Context for one micro-batch's backward: skip the gradient all-reduce unless it is the last."""
         from accelerate.utils import DistributedType
@@ -238,16 +161,41 @@ class Run:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def optimizer_step(self) -> dict[str, float]:
-        """Clip, step, schedule, zero. Returns grad_norm (before clipping) and the learning rate used."""
-        out = {"learning_rate": self.scheduler.get_last_lr()[0]}
+    def optimizer_step(self, schedule: bool = True, optimizer: torch.optim.Optimizer | None = None,
+                       params: Sequence[nn.Parameter] | None = None, sum_grads: bool = False) -> dict[str, float]:
+        """The one optimizer step of every stage: (sum the gradients of ``params`` over processes, for modules
+        accelerate did not wrap), clip them to max_grad_norm, step, zero; advance the learning-rate schedule
+        unless ``schedule`` is False (RL stages that make several updates per step advance it once per step).
+
+        Default: the prepared optimizer over all the trained module's parameters. ``optimizer``: another
+        optimizer (e.g. a reward model trained beside the policy) over ``params``. Returns the learning rate used
+        (prepared optimizer) and grad_norm, the norm before clipping (when clipping is on)."""
+        own = optimizer is None
+        opt = self.optimizer if own else optimizer
+        params = list(self.model.parameters() if params is None else params)
+        out = {"learning_rate": self.scheduler.get_last_lr()[0]} if own else {}
+        if sum_grads:
+            self.sum_gradients(params)
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            out["grad_norm"] = float(norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            # accelerate's clipping knows the prepared model's sharding and loss scaling; other optimizers' params
+            # are plain tensors
+            clip = self.accelerator.clip_grad_norm_ if own else torch.nn.utils.clip_grad_norm_
+            out["grad_norm"] = float(clip(params, self.cfg.max_grad_norm))
+        opt.step()
+        if schedule and own:
+            self.scheduler.step()
+        opt.zero_grad(set_to_none=True)
         return out
+
+    def sum_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Sum the gradients of `params` over processes in place (a missing gradient counts as zeros): for
+        modules accelerate did not wrap, whose backward has no all-reduce hooks."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.accelerator.reduce(p.grad, reduction="sum")
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a list of floats over processes."""
@@ -255,6 +203,16 @@ class Run:
         if self.world > 1:
             t = self.accelerator.reduce(t, reduction="sum")
         return t.tolist()
+
+    def mean_over_processes(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Each metric (a number or 0-dim tensor of this process) averaged over processes."""
+        names = list(metrics)
+        summed = self.reduce_sum([float(metrics[k]) for k in names])
+        return {k: v / self.world for k, v in zip(names, summed)}
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t` concatenated in process order (the tensor itself on one process)."""
+        return self.accelerator.gather(t) if self.world > 1 else t
 
     @contextlib.contextmanager
     def timer(self, name: str):
@@ -285,7 +243,7 @@ class Run:
             done = step + 1
             self.logger.advance()
             if done % max(1, cfg.logging_steps) == 0 or done == self.max_steps:
-                row = _mean_rows(window)
+                row = mean_rows(window)
                 row["epoch_progress"] = done / self.max_steps
                 row["elapsed"] = time.perf_counter() - t_start
                 window = []
@@ -296,76 +254,11 @@ class Run:
                 self.logger.log(done, row)
                 last = row
             if cfg.save_steps and done % cfg.save_steps == 0 and done != self.max_steps:
-                self.save_checkpoint(done)
+                save_checkpoint(self, done)
         if self.start_step >= self.max_steps and eval_fn is not None:
             last = eval_fn(self.max_steps)
         self.logger.close()
         return last
-
-    # -- checkpoints ------------------------------------------------------------------------------------------
-    def save_checkpoint(self, step: int) -> str:
-        """Everything needed to continue bit-exactly (weights, optimizer, schedule, RNG of every process,
-        step, stage state), written to a temporary directory and renamed into place."""
-        root = os.path.join(self.cfg.output_dir, "checkpoints")
-        final = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
-        tmp = os.path.join(root, f".tmp-{CHECKPOINT_PREFIX}{step}")
-        if self.is_main:
-            os.makedirs(root, exist_ok=True)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(tmp)
-        if self.is_main:
-            state = {"step": step, "stage": self.stage,
-                     "extra": self.extra_state.state_dict() if self.extra_state is not None else None}
-            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
-                json.dump(state, fh)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune_checkpoints(root)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def _prune_checkpoints(self, root: str) -> None:
-        limit = self.cfg.save_total_limit
-        if not limit or limit <= 0:
-            return
-        steps = sorted(int(d[len(CHECKPOINT_PREFIX):]) for d in os.listdir(root)
-                       if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit())
-        for s in steps[:-limit]:
-            shutil.rmtree(os.path.join(root, f"{CHECKPOINT_PREFIX}{s}"), ignore_errors=True)
-
-    def _load_checkpoint(self, path: str) -> None:
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
-            state = json.load(fh)
-        if state.get("stage") != self.stage:
-            raise AlignError(f"{path}: checkpoint of stage '{state.get('stage')}', not '{self.stage}'")
-        self.accelerator.load_state(path)
-        self.start_step = int(state["step"])
-        if self.extra_state is not None and state.get("extra") is not None:
-            self.extra_state.load_state_dict(state["extra"])
-
-
-def check_finite(step: int, metrics: dict[str, Any]) -> None:
-    """Stop the run, naming the step and quantity, when a loss or reward is not finite. The last checkpoint
-    written before this step stays the newest one."""
-    for k, v in metrics.items():
-        if isinstance(v, torch.Tensor):
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            raise AlignError(f"step {step}: {k} is {v}; stopping (the last good checkpoint is kept)")
-
-
-def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys: dict[str, list[float]] = {}
-    for r in rows:
-        for k, v in r.items():
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if isinstance(v, (int, float)):
-                keys.setdefault(k, []).append(float(v))
-    return {k: sum(v) / len(v) for k, v in keys.items()}
 
 
 def resolve_max_steps(cfg, num_examples: int, global_batch: int) -> int:
@@ -375,22 +268,3 @@ def resolve_max_steps(cfg, num_examples: int, global_batch: int) -> int:
     if steps <= 0:
         raise AlignError("max_steps is -1 and num_train_epochs gives no steps")
     return steps
-
-
-def save_final(run: Run, model: nn.Module, tokenizer, output_dir: str | None = None) -> None:
-    """Save the trained model (or LoRA adapter) and tokenizer with save_pretrained, from the main process."""
-    from accelerate.utils import DistributedType
-
-    output_dir = output_dir or run.cfg.output_dir
-    run.accelerator.wait_for_everyone()
-    state = None
-    if run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # sharded weights: gathered by a collective call on every process
-        full = run.accelerator.get_state_dict(run.model)
-        prefix = "model."
-        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
-    if run.is_main:
-        model.save_pretrained(output_dir, safe_serialization=True, **({"state_dict": state} if state else {}))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
-    run.accelerator.wait_for_everyone()

@@ -1,64 +1,39 @@
-"""Plumbing shared by the RL stages (PPO, GRPO, ...): the prompt data, the reward sources, the reference
-policy and the greedy gold evaluation. Everything here reads a config; nothing here is algorithm math.
+"""The floor every RL stage stands on: one runner (`run_rl_stage`) that loads and validates the inputs, builds
+the policy, reference, reward sources, sampler and evaluation, trains on the shared loop and saves; the rollout
+sampler; the frozen reference; and the rollout metrics every stage logs.
+
+An RL stage is an :class:`RLStage`: a name, its config checks, and a `make_step` hook that turns the set-up into
+the step function for `Run.train` (sample with `setup.sampler`, compute advantages and the loss from
+`align.advantages` / `align.losses`, update). Nothing here is algorithm math.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from ..advantages import kl_shaped_rewards, needs_values, psi_and_value_targets
 from ..config import AlignError
-from ..data import Rows, encode_prompt, left_pad, read_rows, require_text
-from ..models import SelectiveLM, frozen_dtype, load_causal_lm, load_tokenizer, sync_special_tokens
-from ..rewards import load_function
-from .loop import check_output_dir
+from ..data import PromptData, global_batch_indices, load_prompt_data, prompt_columns, read_rows, split_evenly
+from ..evaluate import greedy_eval
+from ..losses import explained_variance, masked_mean
+from ..models import (SelectiveLM, disable_dropout, frozen_dtype, load_causal_lm, load_tokenizer, load_trained_lm,
+                      sync_special_tokens)
+from ..rewards import functions, reward_sources
+from ..rollout import (Rollout, completion_logprobs, generate, group_completion_logprobs, make_generator,
+                       make_rollout)
+from .critic import PolicyAndValue, policy_of, rollout_values, save_policy_and_critic, with_critic
+from .checkpoints import check_output_dir
+from .loop import Run, resolve_max_steps, seed_everything
 
-REWARD_MODEL_NAME = "reward_model"
+Tensor = torch.Tensor
 
-
-@dataclass
-class PromptData:
-    """Validated prompts of an RL stage: the raw prompts, their token ids and the other columns."""
-
-    prompts: list[Any]
-    ids: list[list[int]]
-    columns: dict[str, list[Any]]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def batch(self, indices: Sequence[int], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[list[Any], dict[str, list[Any]], torch.Tensor, torch.Tensor]:
-        """(prompts, columns, left-padded ids (B, P), mask (B, P)) of the rows `indices`."""
-        ids, mask = left_pad([self.ids[i] for i in indices], pad_id)
-        cols = {k: [v[i] for i in indices] for k, v in self.columns.items()}
-        return [self.prompts[i] for i in indices], cols, ids.to(device), mask.to(device)
-
-
-def load_prompt_data(data: Rows, tokenizer, max_length: int, max_new_tokens: int) -> PromptData:
-    """Validate every row (a non-empty 'prompt' string or chat, the same other columns as the first row) and
-    encode the prompts; a prompt that leaves no room for max_new_tokens within max_length is an error."""
-    keys = [k for k in data.rows[0] if k != "prompt"]
-    prompts, ids = [], []
-    columns: dict[str, list[Any]] = {k: [] for k in keys}
-    budget = max_length - max_new_tokens
-    for i in range(len(data)):
-        prompt = require_text(data, i, "prompt", allow_chat=True)
-        for k in keys:
-            if k not in data.rows[i]:
-                raise AlignError(f"{data.where(i, k)}: missing column (the first row has it)")
-            columns[k].append(data.rows[i][k])
-        p = encode_prompt(tokenizer, prompt)
-        if len(p) > budget:
-            raise AlignError(f"{data.where(i, 'prompt')}: prompt is {len(p)} tokens; with max_new_tokens="
-                             f"{max_new_tokens} that exceeds max_length={max_length}")
-        prompts.append(prompt)
-        ids.append(p)
-    return PromptData(prompts, ids, columns)
+# ---------------------------------------------------------------------------------------------------------------
+# checks and inputs
 
 
 def check_rl_config(cfg) -> None:
@@ -82,44 +57,48 @@ def check_rl_config(cfg) -> None:
         raise AlignError(f"top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.beta < 0:
         raise AlignError(f"beta must be >= 0, got {cfg.beta}")
-    for spec in list(cfg.reward_funcs) + list(cfg.gold_reward_funcs):
-        load_function(spec)  # bad specs fail here, with the spec named
+    functions(list(cfg.reward_funcs) + list(cfg.gold_reward_funcs))  # bad specs fail here, with the spec named
 
 
-def reward_sources(cfg, device: torch.device) -> dict[str, Callable[..., Sequence[float]]]:
-    """name -> reward function: the reward model (if set, first) then reward_funcs, in config order."""
-    sources: dict[str, Callable[..., Sequence[float]]] = {}
-    if cfg.reward_model:
-        from ..scoring import RewardModelScorer
-
-        sources[REWARD_MODEL_NAME] = RewardModelScorer(cfg.reward_model, device=device, dtype=cfg.dtype,
-                                                       batch_size=max(cfg.per_device_eval_batch_size, 1),
-                                                       trust_remote_code=cfg.trust_remote_code)
-    for spec in cfg.reward_funcs:
-        sources[source_name(spec)] = load_function(spec)
-    return sources
-
-
-def gold_sources(cfg) -> dict[str, Callable[..., Sequence[float]]]:
-    return {source_name(spec): load_function(spec) for spec in cfg.gold_reward_funcs}
-
-
-def source_name(spec: str) -> str:
-    """Short metric name of a reward spec: 'exact_match', 'rewards.py:fn' -> 'fn', 'pkg.mod:fn' -> 'fn'."""
-    return spec.rsplit(":", 1)[-1] if ":" in spec else spec
+def check_pg_config(cfg) -> None:
+    """check_rl_config plus the Ψ settings of the vanilla policy-gradient stages (REINFORCE, TRPO)."""
+    check_rl_config(cfg)
+    if cfg.num_generations < 1:
+        raise AlignError(f"num_generations must be >= 1, got {cfg.num_generations}")
+    if cfg.psi == "reward_to_go_baseline" and cfg.baseline == "group_mean" and cfg.num_generations < 2:
+        raise AlignError("baseline=group_mean needs num_generations >= 2 (with one completion per prompt the "
+                         "group mean is the completion's own return and Psi is 0)")
+    if cfg.per_device_train_batch_size * cfg.num_generations < cfg.gradient_accumulation_steps:
+        raise AlignError(f"{cfg.per_device_train_batch_size * cfg.num_generations} rollouts per process cannot "
+                         f"fill gradient_accumulation_steps={cfg.gradient_accumulation_steps} micro-batches")
+    if not 0 <= cfg.lam <= 1 or not 0 <= cfg.gamma <= 1:
+        raise AlignError("gamma and lam must be in [0, 1]")
+    if needs_values(cfg.psi, cfg.baseline) and cfg.value_model.endswith((".py", ".jsonl")):
+        raise AlignError(f"value_model {cfg.value_model}: expected a model directory, hub id or 'policy'")
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (modules and config attributes), so the policy that is trained is the
-    one that sampled: ratios are exactly 1 before the first update, in train() mode too."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        cfg = getattr(m, "config", None)
-        if cfg is not None and not isinstance(cfg, dict):
-            for k, v in list(vars(cfg).items()):
-                if isinstance(v, float) and (k.endswith("dropout") or k.endswith("pdrop")):
-                    setattr(cfg, k, 0.0)
+def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, Any, list[str]]:
+    """Everything an RL stage reads before it builds a model, validated in this order: output_dir, the config
+    (``check``), the tokenizer, the training prompts, the eval rows; so bad input stops the run before anything
+    is written. Returns (tokenizer, prompt data, eval rows or None, eval reward functions)."""
+    check_output_dir(cfg)
+    check(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split, cfg.column_map), tokenizer,
+                            cfg.max_length, cfg.max_new_tokens)
+    eval_rows, eval_funcs = None, []
+    if cfg.eval_data:
+        eval_funcs = list(cfg.gold_reward_funcs or cfg.reward_funcs)
+        eval_rows = read_rows(cfg.eval_data, cfg.eval_split, cfg.column_map)
+        prompt_columns(eval_rows, len(eval_rows))
+        if not eval_funcs:
+            raise AlignError("eval_data is set but there is no reward function to score it with (set "
+                             "gold_reward_funcs, e.g. exact_match)")
+    return tokenizer, data, eval_rows, eval_funcs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference and the sampler
 
 
 class Reference:
@@ -150,43 +129,29 @@ class Reference:
             yield SelectiveLM(self.adapter_host)
 
 
-def greedy_eval(model: nn.Module, tokenizer, data: Rows, funcs: Sequence[str], max_new_tokens: int,
-                batch_size: int, max_samples: int = 0) -> dict[str, float]:
-    """Greedy generation on the eval prompts scored with `funcs`: eval_reward and eval_<name> per function."""
-    from ..evaluate import evaluate_model
-
-    res = evaluate_model(model, tokenizer, data, list(funcs), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         max_samples=max_samples)
-    out = {"eval_reward": float(res["reward_mean"])}
-    for spec in funcs:
-        out[f"eval_{source_name(spec)}"] = float(res[f"reward_{spec}"])
-    return out
-
-
 class RolloutSampler:
-    """One step's rollouts for any RL stage: this process's share of the step's prompts, num_generations
-    completions each sampled with the current policy, scored by the reward sources, with the reference
-    log-probabilities (when a `Reference` is given) and critic values (when a `value_fn` is given).
+    """One step's rollouts for any RL stage: this process's share of the step's ``global_prompts`` prompts,
+    num_generations completions each sampled with the current policy, scored by the reward sources, with the
+    reference log-probabilities (when a `Reference` is given; with ``prompt_once`` each prompt is encoded once
+    for its group) and critic values (when a `value_fn` is given).
 
     Which prompts a step uses and how they are sampled depend on (seed, step, rank) only, so a resumed run draws
     the same rollouts as an uninterrupted one."""
 
-    def __init__(self, cfg, run, tokenizer, data: PromptData, sources: dict, weights: Sequence[float] | None,
-                 gold: dict, reference: Reference | None = None, num_generations: int = 1):
-        self.cfg, self.run, self.tokenizer, self.data = cfg, run, tokenizer, data
-        self.sources, self.weights, self.gold, self.reference = sources, weights, gold, reference
-        self.num_generations = num_generations
-        self.global_prompts = cfg.per_device_train_batch_size * run.world
+    def __init__(self, cfg, run: Run, tokenizer, data: PromptData, sources: dict, reference: Reference | None,
+                 num_generations: int, global_prompts: int, prompt_once: bool = False):
+        self.cfg, self.run, self.tokenizer, self.data, self.sources = cfg, run, tokenizer, data, sources
+        self.reference, self.num_generations, self.global_prompts = reference, num_generations, global_prompts
+        self.prompt_once = prompt_once
+        self.weights = [float(w) for w in cfg.reward_weights] or None
+        self.gold = functions(cfg.gold_reward_funcs)
 
-    def __call__(self, step: int, policy: nn.Module,
-                 value_fn: Callable[[Any], torch.Tensor] | None = None):
+    def __call__(self, step: int, policy: nn.Module, value_fn: Callable[[Rollout], Tensor] | None = None
+                 ) -> Rollout:
         """The `Rollout` of `step` sampled from `policy` (a causal LM, in eval mode during sampling)."""
-        from ..data import global_batch_indices, split_micro_batches
-        from ..rollout import generate, make_generator, make_rollout
-
         cfg, run = self.cfg, self.run
         indices = global_batch_indices(step, len(self.data), self.global_prompts, cfg.seed)
-        mine = split_micro_batches(indices, run.world, run.rank, 1)[0]
+        mine = split_evenly(indices, run.world)[run.rank]
         prompts, cols, ids, mask = self.data.batch(mine, self.tokenizer.pad_token_id, run.device)
         was_training = policy.training
         policy.eval()
@@ -204,49 +169,129 @@ class RolloutSampler:
         finally:
             policy.train(was_training)
 
-    def _ref_logprobs(self, r) -> torch.Tensor:
-        from ..rollout import completion_logprobs
-
+    def _ref_logprobs(self, r: Rollout) -> Tensor:
         with self.reference.active() as ref:
+            if self.prompt_once and r.group_size > 1:
+                return group_completion_logprobs(ref.model, r, self.cfg.temperature)
             return completion_logprobs(ref, r, self.cfg.temperature)[0]
 
 
-def apply_gradients(run, max_grad_norm: float) -> float | None:
-    """Clip the accumulated gradient (max_grad_norm <= 0: no clipping), apply it with the run's optimizer and zero
-    it, *without* advancing the learning-rate schedule: RL stages that make several updates per batch of
-    rollouts advance the schedule once per step. Returns the gradient norm before clipping (None: not clipped)."""
-    norm = None
-    if max_grad_norm and max_grad_norm > 0:
-        norm = float(run.accelerator.clip_grad_norm_(run.model.parameters(), max_grad_norm))
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return norm
+def rollout_metrics(run: Run, r: Rollout, kl: Tensor | None = None, **extra: Tensor) -> dict[str, float]:
+    """What every RL stage logs about a step's rollouts, averaged over processes: the reward's mean and std over
+    all processes' rollouts, each source's and gold function's mean, the KL to the reference (per completion and
+    per token, when ``kl`` (B, C) is given), the response length and the EOS fraction; plus the stage's own
+    ``extra`` metrics (this process's 0-dim values)."""
+    rewards = run.gather(r.rewards)
+    local: dict[str, Any] = {
+        "reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else torch.zeros(()),
+        **{f"reward_{k}": v.mean() for k, v in r.reward_components.items()},
+        **{f"gold_{k}": v.mean() for k, v in r.gold_rewards.items()},
+        "response_length": r.lengths.float().mean(), "eos_frac": r.eos.float().mean(),
+    }
+    if kl is not None:
+        local.update(kl=kl.sum(-1).mean(), kl_per_token=masked_mean(kl, r.completion_mask))
+    local.update(extra)
+    return run.mean_over_processes(local)
 
 
-def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, Any, list[str]]:
-    """Everything an RL stage reads before it builds a model, validated in this order: output_dir, the config
-    (``check``), the tokenizer, the training prompts, the eval rows; so bad input stops the run before anything
-    is written. Returns (tokenizer, prompt data, eval rows or None, eval reward functions)."""
-    check_output_dir(cfg)
-    check(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split, cfg.column_map), tokenizer,
-                            cfg.max_length, cfg.max_new_tokens)
-    eval_rows, eval_funcs = load_eval(cfg)
-    return tokenizer, data, eval_rows, eval_funcs
+def psi_rollout(setup: "RLSetup", step: int) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]:
+    """A step's rollouts for the vanilla policy-gradient stages (REINFORCE, TRPO): per-token rewards (score at
+    the last token, −β·KL_t with a reference), Ψ by name and, with a critic, its regression targets. Returns
+    (rollout, Ψ (B, C), value targets (B, C) or None, rollout metrics)."""
+    cfg, run = setup.cfg, setup.run
+    net = run.unwrap()
+    value_fn = (lambda r: rollout_values(net, r)) if isinstance(net, PolicyAndValue) else None
+    r = setup.sampler(step, policy_of(net).model, value_fn)
+    rewards, kl = kl_shaped_rewards(r.rewards, r.logprobs, r.ref_logprobs, r.completion_mask, cfg.beta,
+                                    cfg.kl_estimator)
+    psi, targets = psi_and_value_targets(rewards, r.completion_mask, psi=cfg.psi, baseline=cfg.baseline,
+                                         gamma=cfg.gamma, lam=cfg.lam, values=r.values, group_size=r.group_size,
+                                         whiten=cfg.whiten_advantages)
+    mask = r.completion_mask
+    extra = {"psi_mean": masked_mean(psi, mask), "psi_abs_mean": masked_mean(psi.abs(), mask)}
+    if targets is not None:
+        extra.update(value_mean=masked_mean(r.values, mask),
+                     explained_variance=torch.nan_to_num(explained_variance(r.values, targets, mask), nan=0.0))
+    return r, psi, targets, rollout_metrics(run, r, kl, **extra)
 
 
-def load_eval(cfg) -> tuple[Any, list[str]]:
-    """(validated eval rows or None, reward functions to score them with: gold_reward_funcs, else reward_funcs)
-    of an RL config."""
-    from ..evaluate import prompt_columns
+def pg_module(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> nn.Module:
+    """The trained module of the vanilla policy-gradient stages: the policy with a critic (PolicyAndValue) when Ψ
+    needs values, else the policy alone."""
+    return with_critic(cfg, tokenizer, dtype, policy) if needs_values(cfg.psi, cfg.baseline) else SelectiveLM(policy)
 
-    if not cfg.eval_data:
-        return None, []
-    funcs = list(cfg.gold_reward_funcs or cfg.reward_funcs)
-    rows = read_rows(cfg.eval_data, cfg.eval_split, cfg.column_map)
-    prompt_columns(rows, len(rows))
-    if not funcs:
-        raise AlignError("eval_data is set but there is no reward function to score it with (set "
-                         "gold_reward_funcs, e.g. exact_match)")
-    return rows, funcs
+
+# ---------------------------------------------------------------------------------------------------------------
+# the runner
+
+
+@dataclass
+class RLSetup:
+    """What `run_rl_stage` has built when it calls a stage's hooks (`state` sees it before `model` and `sampler`
+    are set; `make_step` sees all of it)."""
+
+    cfg: Any
+    run: Run
+    tokenizer: Any
+    data: PromptData
+    policy: nn.Module  # the causal LM being trained (a peft model with use_lora)
+    reference: Reference | None
+    sources: dict[str, Callable]
+    inputs: Any = None  # what the stage's `load` hook read
+    state: Any = None  # the stage's checkpointed state (KL controller, iterative-GRPO state, ...)
+    model: nn.Module | None = None  # the prepared trained module (call it for training forwards)
+    sampler: RolloutSampler | None = None
+
+
+def _policy_only(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> nn.Module:
+    return SelectiveLM(policy)
+
+
+@dataclass(frozen=True)
+class RLStage:
+    """How one RL algorithm differs from the others; `run_rl_stage` does the rest."""
+
+    name: str
+    make_step: Callable[[RLSetup], Callable[[int], dict[str, float]]]  # the step function for Run.train
+    check: Callable[[Any], None] = check_rl_config  # config checks, before anything is read or written
+    load: Callable[[Any], Any] = lambda cfg: None  # extra inputs, read and validated before anything is written
+    module: Callable[..., nn.Module] = _policy_only  # (cfg, tokenizer, dtype, policy) -> the trained module
+    uses_reference: Callable[[Any], bool] = lambda cfg: cfg.beta > 0
+    num_generations: Callable[[Any], int] = lambda cfg: cfg.num_generations
+    prompts_per_process: Callable[[Any], int] = lambda cfg: cfg.per_device_train_batch_size  # per step
+    state: Callable[[RLSetup], Any] = lambda setup: None  # extra checkpointed state (state_dict/load_state_dict)
+    prompt_once: bool = False  # the reference encodes each prompt once for its group
+    finish: Callable[[RLSetup], None] = lambda setup: None  # after the policy is saved, on the main process
+
+
+def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
+    """Load, validate, train and save an RL stage; returns the last logged metrics. Writes nothing before all
+    input is valid."""
+    tokenizer, data, eval_rows, eval_funcs = load_rl_inputs(cfg, stage.check)
+    inputs = stage.load(cfg)
+
+    seed_everything(cfg.seed)
+    run = Run(cfg, stage.name)
+    policy = load_trained_lm(cfg, tokenizer, run.weights_dtype)
+    disable_dropout(policy)
+    module = stage.module(cfg, tokenizer, run.weights_dtype, policy)
+    reference = Reference.load(cfg, policy, tokenizer, run.device) if stage.uses_reference(cfg) else None
+    setup = RLSetup(cfg, run, tokenizer, data, policy, reference, reward_sources(cfg, run.device), inputs)
+    setup.state = stage.state(setup)
+    global_prompts = stage.prompts_per_process(cfg) * run.world
+    setup.model = run.prepare(module, resolve_max_steps(cfg, len(data), global_prompts), extra_state=setup.state)
+    setup.sampler = RolloutSampler(cfg, run, tokenizer, data, setup.sources, reference, stage.num_generations(cfg),
+                                   global_prompts, stage.prompt_once)
+    step_fn = stage.make_step(setup)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        if not run.is_main:
+            return {}
+        return greedy_eval(policy_of(run.unwrap()).model, tokenizer, eval_rows, eval_funcs, cfg.max_new_tokens,
+                           cfg.per_device_eval_batch_size, cfg.eval_max_samples)
+
+    metrics = run.train(step_fn, eval_fn if eval_rows is not None else None)
+    save_policy_and_critic(run, tokenizer)
+    if run.is_main:
+        stage.finish(setup)
+    return metrics

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SFTConfig
-from ..data import (IGNORE_INDEX, SFTExample, batched, global_batch_indices, pack_examples, pad_examples, read_rows,
-                    split_micro_batches, tokenize_sft)
-from ..models import (SelectiveLM, apply_lora, load_causal_lm, load_tokenizer, make_trainable,
-                      sync_special_tokens)
-from .loop import Run, check_output_dir, resolve_max_steps, save_final, seed_everything
+from ..data import IGNORE_INDEX, SFTExample, batched, pack_examples, pad_examples, read_rows, tokenize_sft
+from ..models import SelectiveLM, load_tokenizer, load_trained_lm
+from .checkpoints import check_output_dir, save_final
+from .loop import Run, resolve_max_steps, seed_everything
 
 
 def collate(examples: list[SFTExample], packing: bool, max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -37,15 +36,6 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], device) -> tuple[torch
     return loss, int(select.sum())
 
 
-def prepare_model(cfg, tokenizer, weights_dtype):
-    """Load the causal LM, align its special tokens with the tokenizer, and add LoRA / checkpointing."""
-    model = load_causal_lm(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
-    sync_special_tokens(model, tokenizer)
-    lora = (lambda m: apply_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-            ) if cfg.use_lora else None
-    return make_trainable(model, cfg.gradient_checkpointing, lora)
-
-
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
     """Run SFT as configured; returns the last logged metrics. Writes nothing before all input is valid."""
     check_output_dir(cfg)
@@ -58,24 +48,21 @@ def train_sft(cfg: SFTConfig) -> dict[str, float]:
 
     seed_everything(cfg.seed)
     run = Run(cfg, "sft")
-    model = prepare_model(cfg, tokenizer, run.weights_dtype)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * run.world
-    max_steps = resolve_max_steps(cfg, len(train), global_batch)
+    model = load_trained_lm(cfg, tokenizer, run.weights_dtype)
+    max_steps = resolve_max_steps(cfg, len(train), run.global_batch)
     lm = run.prepare(SelectiveLM(model), max_steps)
     pad_id = tokenizer.pad_token_id
     counts = [num_targets(ex) for ex in train]
 
     def step_fn(step: int) -> dict[str, float]:
-        indices = global_batch_indices(step, len(train), global_batch, cfg.seed)
+        indices, micro = run.micro_batches(step, len(train))
         total_tokens = sum(counts[i] for i in indices)  # known to every process without communication
-        micro = split_micro_batches(indices, run.world, run.rank, cfg.gradient_accumulation_steps)
         lm.train()
         loss_sum = 0.0
-        for k, idx in enumerate(micro):
-            batch = collate([train[i] for i in idx], cfg.packing, cfg.max_length, pad_id)
-            with run.no_sync(last=k == len(micro) - 1), run.accelerator.autocast():
-                loss, _ = token_loss_sum(lm, batch, run.device)
-                run.backward(loss * run.world / total_tokens)
+        for idx in run.accumulate(micro):
+            loss, _ = token_loss_sum(lm, collate([train[i] for i in idx], cfg.packing, cfg.max_length, pad_id),
+                                     run.device)
+            run.backward(loss * run.world / total_tokens)
             loss_sum += float(loss.detach())
         out = run.optimizer_step()
         (loss_sum,) = run.reduce_sum([loss_sum])

@@ -2,8 +2,9 @@
 
 One step (Schulman et al. 2015, "Trust Region Policy Optimization", §6 and appendix C):
 
-1. rollouts, per-token rewards and the advantage Â_t = Ψ_t exactly as in REINFORCE (`reinforce.py`: any Ψ of
-   the policy-gradient list; a critic, when Ψ needs one, is fitted by regression after the policy step);
+1. rollouts, per-token rewards and the advantage Â_t = Ψ_t exactly as in REINFORCE
+   (:func:`align.trainers.rl.psi_rollout`: any Ψ of the policy-gradient list; a critic, when Ψ needs one, is
+   fitted by regression after the policy step);
 2. at θ_old, the gradient ``g = ∇_θ L(θ_old)`` of the surrogate ``L(θ) = agg(π_θ(a_t|s_t)/π_old(a_t|s_t) · Â_t)``
    and the graph of ``∇_θ KL̄(θ)``, ``KL̄ = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t))`` over the rollout's tokens
    (the exact KL between the next-token distributions, :func:`align.losses.categorical_kl`);
@@ -31,12 +32,13 @@ import torch
 from torch import nn
 
 from ..config import AlignError, TRPOConfig
-from ..losses import aggregate_count, categorical_kl, clipped_surrogate_loss, value_loss
+from ..data import split_evenly
+from ..losses import POLICY_LOSSES, aggregate_count, categorical_kl, value_loss
 from ..optim_math import (LineSearchResult, backtracking_line_search, conjugate_gradient, flat_grad,
                           hessian_vector_product, max_step_size)
 from ..rollout import Rollout, logprobs_from_selected, scatter_tokens, sequence_inputs
-from .ppo import PolicyAndValue, chunks
-from .reinforce import PGStepBase, check_pg_config, policy_of, run_pg_stage
+from .critic import PolicyAndValue, policy_of
+from .rl import RLSetup, RLStage, check_pg_config, pg_module, psi_rollout, run_rl_stage
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -48,9 +50,8 @@ logger = logging.getLogger(__name__)
 def surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, agg: str = "token-mean",
               num_items: float | Tensor | None = None) -> Tensor:
     """TRPO's surrogate objective ``L(θ) = agg(ρ_t Â_t)``, ``ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)`` (to maximise;
-    Schulman et al. 2015 eq. 14). It is PPO's objective without clipping. Shapes: (B, T) each → scalar."""
-    loss, _ = clipped_surrogate_loss(logp, old_logp, adv, mask, epsilon=math.inf, agg=agg, num_items=num_items)
-    return -loss
+    Schulman et al. 2015 eq. 14): minus ``POLICY_LOSSES["trpo"]``. Shapes: (B, T) each → scalar."""
+    return -POLICY_LOSSES["trpo"](logp, old_logp, adv, mask, agg=agg, num_items=num_items)[0]
 
 
 def trainable(lm: nn.Module) -> list[nn.Parameter]:
@@ -129,7 +130,7 @@ class TrustRegionProblem:
         if not self.params:
             raise AlignError("the policy has no trainable parameters")
         mask = r.completion_mask
-        micro = chunks(torch.arange(len(r)), micro_batches)
+        micro = split_evenly(torch.arange(len(r)), micro_batches)
         fisher_rows = [_spaced(len(idx), fisher_fraction) for idx in micro]
         n_fisher = sum(mask[idx[rows]].sum() for idx, rows in zip(micro, fisher_rows))
         counts = self.reduce(torch.stack([mask.sum().float(), aggregate_count(mask, agg),
@@ -243,22 +244,24 @@ def _line_search_stats(res: LineSearchResult, full_norm: float) -> dict[str, flo
 # the stage
 
 
-class TRPOStep(PGStepBase):
+class TRPOStep:
     """One TRPO step as a callable for Run.train: rollouts and Ψ (shared with REINFORCE), the trust-region step
     of the policy, then the critic's regression (when Ψ uses one) with AdamW."""
 
+    def __init__(self, setup: RLSetup):
+        self.setup, self.cfg, self.run = setup, setup.cfg, setup.run
+
     def __call__(self, step: int) -> dict[str, float]:
         cfg, run = self.cfg, self.run
-        r, adv, targets, kl = self.rollout(step)
+        r, adv, targets, out = psi_rollout(self.setup, step)
         with run.timer("training"):
             res, stats = trpo_update(
-                policy_of(self.net), r, adv, max_kl=cfg.max_kl, temperature=cfg.temperature, agg=cfg.loss_agg,
+                policy_of(run.unwrap()), r, adv, max_kl=cfg.max_kl, temperature=cfg.temperature, agg=cfg.loss_agg,
                 cg_iters=cfg.cg_iters, cg_damping=cfg.cg_damping, cg_residual_tol=cfg.cg_residual_tol,
                 line_search_steps=cfg.line_search_steps, backtrack_ratio=cfg.backtrack_ratio,
                 accept_ratio=cfg.accept_ratio, kl_tolerance=cfg.kl_tolerance,
                 micro_batches=cfg.gradient_accumulation_steps, fisher_fraction=cfg.fisher_fraction,
-                reduce=self._reduce,
-                autocast=run.accelerator.autocast)
+                reduce=self._reduce, autocast=run.accelerator.autocast)
         if res.steps == 0 and run.is_main:
             logger.info("step %d: no TRPO step: %s", step + 1, res.last_reason)
         elif not res.accepted and run.is_main:
@@ -271,7 +274,6 @@ class TRPOStep(PGStepBase):
                 stats.update(self.fit_critic(r, targets))
             stats["learning_rate"] = run.scheduler.get_last_lr()[0]
             run.scheduler.step()  # the schedule is the critic's; it advances once per TRPO step
-        out = self.rollout_metrics(r, adv, targets, kl)
         out.update(stats)
         return out
 
@@ -282,15 +284,14 @@ class TRPOStep(PGStepBase):
         """vf_iters AdamW updates of the critic on ½(V_t − R̂_t)² (token mean over the whole batch). The policy
         is not touched: a value head on the policy's trunk is fitted as a probe of the trunk's features."""
         cfg, run = self.cfg, self.run
-        net: PolicyAndValue = self.net
-        policy_params = set(id(p) for p in net.policy.parameters())
-        critic_params = [p for p in net.parameters() if p.requires_grad and id(p) not in policy_params]
+        net: PolicyAndValue = run.unwrap()
+        critic_params = net.critic_parameters()
         (n_tok,) = run.reduce_sum([float(r.completion_mask.sum())])
         losses = []
         net.train()
         for _ in range(cfg.vf_iters):
             total = 0.0
-            for idx in chunks(torch.arange(len(r)), cfg.gradient_accumulation_steps):
+            for idx in split_evenly(torch.arange(len(r)), cfg.gradient_accumulation_steps):
                 sub = r.subset(idx)
                 c = sub.completion_ids.shape[1]
                 x = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, sub.completion_mask)
@@ -303,14 +304,8 @@ class TRPOStep(PGStepBase):
                 total += float(vl.detach())
             for p in net.policy.parameters():
                 p.grad = None
-            if run.world > 1:  # the unwrapped module has no DDP hooks: sum the gradients ourselves
-                for p in critic_params:
-                    if p.grad is not None:
-                        p.grad = run.accelerator.reduce(p.grad, reduction="sum")
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                run.accelerator.clip_grad_norm_(critic_params, cfg.max_grad_norm)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            # the unwrapped module has no DDP hooks: its gradients are summed over processes here
+            run.optimizer_step(schedule=False, params=critic_params, sum_grads=True)
             losses.append(run.reduce_sum([total])[0])
         net.eval()
         return {"value_loss": losses[0], "value_loss_last": losses[-1]}
@@ -330,6 +325,9 @@ def check_trpo_config(cfg: TRPOConfig) -> None:
         raise AlignError("cg_damping, accept_ratio and kl_tolerance must be >= 0")
 
 
+TRPO = RLStage("trpo", TRPOStep, check=check_trpo_config, module=pg_module)
+
+
 def train_trpo(cfg: TRPOConfig) -> dict[str, float]:
     """Run TRPO as configured; returns the last logged metrics. Writes nothing before all input is valid."""
-    return run_pg_stage(cfg, "trpo", check_trpo_config, TRPOStep)
+    return run_rl_stage(cfg, TRPO)

@@ -1,0 +1,226 @@
+"""Iterative GRPO (DeepSeekMath §4.2, Algorithm 1): the reference reset to the current policy every few steps, and
+the reward model that keeps learning during RL on comparisons made from each step's groups, with replay of the
+original comparisons. `trainers/grpo.py` plugs these in through the RL runner's `state` and `finish` hooks; both
+are checkpointed with the run, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..comparisons import Comparison, batch_loss, collate, group_comparisons, tokenize_comparisons
+from ..config import AlignError
+from ..data import read_rows
+from ..heads import ScalarModel
+from ..models import SelectiveLM, disable_dropout, frozen_dtype, load_tokenizer
+from ..rewards import REWARD_MODEL_NAME, functions, score_completions
+from ..rollout import Rollout, make_generator
+from .loop import Run
+from .rl import Reference, RLSetup
+
+Tensor = torch.Tensor
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference reset
+
+
+def merged_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of a causal LM with its LoRA adapter (if any) merged into the weights."""
+    snap = copy.deepcopy(policy)
+    if hasattr(snap, "merge_and_unload"):
+        snap = snap.merge_and_unload()
+    return snap.to(dtype).eval().requires_grad_(False)
+
+
+class ReferenceKeeper:
+    """Makes the reference the current policy every `every` steps (DeepSeekMath Algorithm 1, line 3) and
+    checkpoints its weights once it is no longer the initial model."""
+
+    def __init__(self, reference: Reference, policy: nn.Module, every: int, dtype: torch.dtype):
+        self.reference, self.policy, self.every, self.dtype = reference, policy, every, dtype
+        self.replaced = False
+
+    def maybe_reset(self, step: int) -> bool:
+        if not self.every or step == 0 or step % self.every:
+            return False
+        self.reset()
+        return True
+
+    def reset(self, state: dict[str, Tensor] | None = None) -> None:
+        ref = self.reference
+        plain = not hasattr(self.policy, "merge_and_unload")
+        if state is None and plain and ref.lm is not None and self.replaced:
+            ref.lm.model.load_state_dict(self.policy.state_dict())  # in place: no new allocation
+        else:
+            model = merged_copy(self.policy, self.dtype)
+            if state is not None:
+                model.load_state_dict(state)
+            ref.lm, ref.adapter_host = SelectiveLM(model), None
+        self.replaced = True
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.replaced:
+            return {}
+        return {"weights": {k: v.detach().cpu() for k, v in self.reference.lm.model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("weights") is not None:
+            self.reset(state["weights"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reward model that keeps learning
+
+
+class RewardModelTrainer:
+    """The reward model of the ``reward_model`` source, trained during RL (DeepSeekMath Algorithm 1, line 12).
+
+    Each step: comparisons from the step's groups (:func:`align.comparisons.group_comparisons` on the
+    rm_label_funcs scores, RM token ids of prompt + completion + EOS), plus replayed original comparisons —
+    ``round(n·ratio/(1 − ratio))`` drawn with a generator seeded by (seed, step, rank) — make one Bradley–Terry
+    AdamW step, each comparison weighing the same (:func:`align.losses.comparison_loss`). Gradients are summed
+    over processes (the loss is divided by the global number of comparisons). The scorer keeps scoring with the
+    updated weights."""
+
+    def __init__(self, scorer, label_sources: dict, replay: list, replay_ratio: float, lr: float, run: Run,
+                 seed: int, weights_dtype: torch.dtype):
+        self.scorer, self.label_sources, self.replay, self.ratio = scorer, label_sources, replay, replay_ratio
+        self.run, self.seed = run, seed
+        scorer.model.to(weights_dtype)
+        disable_dropout(scorer.model)
+        self.net = ScalarModel(scorer.model)
+        self.optimizer = torch.optim.AdamW(list(scorer.model.parameters()), lr=lr, weight_decay=0.0)
+
+    def comparisons(self, r: Rollout) -> list[Comparison]:
+        labels, _ = score_completions(self.label_sources, r.prompts, r.texts, r.columns)
+        out = []
+        for rows, pairs in group_comparisons(labels, r.texts, r.group_size):
+            seqs = [self.scorer.encode(r.prompts[i], r.texts[i]) for i in rows]
+            out.append(Comparison(seqs, pairs, [0.0] * len(pairs)))
+        return out
+
+    def __call__(self, step: int, r: Rollout) -> dict[str, float]:
+        run = self.run
+        new = self.comparisons(r)
+        n_replay = 0
+        if new and self.replay and self.ratio > 0:
+            n_replay = int(round(len(new) * self.ratio / (1.0 - self.ratio)))
+        g = make_generator("cpu", self.seed, step, run.rank, "rm_replay")
+        picks = torch.randint(len(self.replay), (n_replay,), generator=g).tolist() if n_replay else []
+        comps = new + [self.replay[i] for i in picks]
+        n_new, n_all = run.reduce_sum([float(len(new)), float(len(comps))])
+        if n_new == 0:
+            return {"rm_new_comparisons": 0.0, "rm_replay_comparisons": 0.0}
+        model = self.net
+        model.train()
+        model.requires_grad_(True)
+        loss_sum = pairs = correct = 0.0
+        if comps:
+            with run.accelerator.autocast():
+                loss, stats = batch_loss(model, collate(comps, self.scorer.tokenizer.pad_token_id), run.device)
+            (loss / n_all).backward()
+            loss_sum, pairs, correct = stats.loss, stats.pairs, stats.correct
+        run.optimizer_step(optimizer=self.optimizer, params=list(model.parameters()), sum_grads=True)
+        model.eval()
+        model.requires_grad_(False)
+        loss_sum, pairs, correct = run.reduce_sum([loss_sum, pairs, correct])
+        return {"rm_loss": loss_sum / n_all, "rm_accuracy": correct / max(pairs, 1.0),
+                "rm_new_comparisons": n_new, "rm_replay_comparisons": n_all - n_new}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": {k: v.detach().cpu() for k, v in self.scorer.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scorer.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def save(self, path: str) -> None:
+        self.scorer.model.save_pretrained(path, safe_serialization=True)
+        self.scorer.tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks, inputs and the runner's hooks
+
+
+def label_specs(cfg) -> list[str]:
+    return list(cfg.rm_label_funcs or cfg.gold_reward_funcs)
+
+
+def check_iterative_config(cfg) -> None:
+    """One-line errors for the iterative-GRPO settings, before anything is loaded or written."""
+    if cfg.ref_update_every < 0:
+        raise AlignError(f"ref_update_every must be >= 0, got {cfg.ref_update_every}")
+    if cfg.ref_update_every and cfg.beta == 0:
+        raise AlignError("ref_update_every needs beta > 0 (with beta = 0 there is no reference to update)")
+    if cfg.rm_update:
+        if not cfg.reward_model:
+            raise AlignError("rm_update needs reward_model (the reward model to keep training)")
+        if not label_specs(cfg):
+            raise AlignError("rm_update needs rm_label_funcs (or gold_reward_funcs) to rank completions, e.g. "
+                             "exact_match")
+        if not 0 <= cfg.rm_replay_ratio < 1:
+            raise AlignError(f"rm_replay_ratio must be in [0, 1), got {cfg.rm_replay_ratio}")
+        if cfg.rm_replay_ratio > 0 and not cfg.rm_replay_data:
+            raise AlignError("rm_replay_ratio > 0 needs rm_replay_data (the original comparisons to replay); "
+                             "set rm_replay_ratio 0 to train on new comparisons only")
+        if cfg.rm_learning_rate <= 0:
+            raise AlignError(f"rm_learning_rate must be > 0, got {cfg.rm_learning_rate}")
+        functions(label_specs(cfg))
+    elif cfg.rm_replay_data or cfg.rm_label_funcs:
+        raise AlignError("rm_replay_data / rm_label_funcs are set but rm_update is false")
+
+
+def load_replay(cfg) -> list[Comparison]:
+    """The replayed comparisons, tokenized with the reward model's tokenizer (bad rows are errors)."""
+    if not (cfg.rm_update and cfg.rm_replay_data and cfg.rm_replay_ratio > 0):
+        return []
+    tok = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
+    out = []
+    for src in [s.strip() for s in cfg.rm_replay_data.split(",") if s.strip()]:
+        comps, _ = tokenize_comparisons(read_rows(src, cfg.train_split), tok, cfg.max_length)
+        out += comps
+    return out
+
+
+class IterativeState:
+    """What an iterative-GRPO checkpoint holds besides the policy, its optimizer and schedule: the reference once
+    it has been reset, and the reward model being trained with its optimizer."""
+
+    def __init__(self, keeper: ReferenceKeeper | None, rm: RewardModelTrainer | None):
+        self.keeper, self.rm = keeper, rm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.keeper.state_dict() if self.keeper else {},
+                "reward_model": self.rm.state_dict() if self.rm else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.keeper is not None:
+            self.keeper.load_state_dict(state.get("reference") or {})
+        if self.rm is not None and state.get("reward_model") is not None:
+            self.rm.load_state_dict(state["reward_model"])
+
+
+def iterative_state(setup: RLSetup) -> IterativeState | None:
+    """The runner's `state` hook: the reference keeper and/or reward-model trainer the config asks for."""
+    cfg, run = setup.cfg, setup.run
+    keeper = rm = None
+    if setup.reference is not None and cfg.ref_update_every:
+        keeper = ReferenceKeeper(setup.reference, setup.policy, cfg.ref_update_every,
+                                 frozen_dtype(cfg.dtype, run.device))
+    if cfg.rm_update:
+        rm = RewardModelTrainer(setup.sources[REWARD_MODEL_NAME], functions(label_specs(cfg)), setup.inputs,
+                                cfg.rm_replay_ratio, cfg.rm_learning_rate, run, cfg.seed, run.weights_dtype)
+    return IterativeState(keeper, rm) if keeper is not None or rm is not None else None
+
+
+def save_reward_model(setup: RLSetup) -> None:
+    """The runner's `finish` hook: the reward model trained during RL in output_dir/reward_model."""
+    if setup.state is not None and setup.state.rm is not None:
+        setup.state.rm.save(os.path.join(setup.cfg.output_dir, "reward_model"))
