@@ -395,6 +395,11 @@ class TRPOConfig(PolicyGradientConfig):
     cg_iters: int = _f(10, "Conjugate-gradient iterations (Fisher-vector products) per step.")
     cg_damping: float = _f(0.1, "Damping lambda added to the Fisher matrix: (F + lambda I) x = g.")
     cg_residual_tol: float = _f(1e-10, "Stop conjugate gradient once the squared residual is below this.")
+    fisher_product: str = _f("gauss_newton", "How the conjugate gradient multiplies by the Fisher matrix: "
+                                              "gauss_newton (J^T (diag p - p p^T) J v: a Jacobian-vector and a "
+                                              "vector-Jacobian product, no second derivatives; faster) or "
+                                              "kl_hessian (double backward of the mean KL; the reference). Equal "
+                                              "at the policy that sampled.", choices=("gauss_newton", "kl_hessian"))
     fisher_fraction: float = _f(1.0, "Fraction of each batch's rollouts (evenly spaced) on which the Fisher-vector "
                                      "products are computed; < 1 makes each conjugate-gradient iteration that much "
                                      "cheaper (the gradient and the line search use every rollout).")

@@ -110,7 +110,8 @@ def test_surrogate_is_the_unclipped_ratio_times_advantage():
 # the Fisher-vector product on a tiny model
 
 
-def test_fisher_vector_product_matches_explicit_kl_hessian_and_fisher(tiny):
+@pytest.mark.parametrize("product", ["gauss_newton", "kl_hessian"])
+def test_fisher_vector_product_matches_explicit_kl_hessian_and_fisher(tiny, product):
     from torch.func import functional_call
 
     model, r, adv = tiny
@@ -145,8 +146,8 @@ def test_fisher_vector_product_matches_explicit_kl_hessian_and_fisher(tiny):
     fisher = torch.einsum("nv,nvi,nvj->ij", old.exp(), jac, jac) / n_tok
     torch.testing.assert_close(hess, fisher, atol=1e-5, rtol=1e-4)  # at theta_old the two are the same matrix
 
-    prob = TrustRegionProblem(lm, r, adv, temperature=TEMP, damping=0.0)
-    prob2 = TrustRegionProblem(lm, r, adv, temperature=TEMP, damping=0.1, micro_batches=2)
+    prob = TrustRegionProblem(lm, r, adv, temperature=TEMP, damping=0.0, fisher=product)
+    prob2 = TrustRegionProblem(lm, r, adv, temperature=TEMP, damping=0.1, micro_batches=2, fisher=product)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         v = torch.randn(theta0.shape, generator=gen)
@@ -156,8 +157,8 @@ def test_fisher_vector_product_matches_explicit_kl_hessian_and_fisher(tiny):
         torch.testing.assert_close(prob2.fvp(v), expect + 0.1 * v, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(prob.g, prob2.g, atol=1e-6, rtol=1e-5)
     # fisher_fraction 0.5: F from rows 0 and 2 only (evenly spaced), g still from every row
-    half = TrustRegionProblem(lm, r, adv, temperature=TEMP, fisher_fraction=0.5)
-    only = TrustRegionProblem(lm, r.subset([0, 2]), adv[[0, 2]], temperature=TEMP)
+    half = TrustRegionProblem(lm, r, adv, temperature=TEMP, fisher_fraction=0.5, fisher=product)
+    only = TrustRegionProblem(lm, r.subset([0, 2]), adv[[0, 2]], temperature=TEMP, fisher=product)
     torch.testing.assert_close(half.fvp(v), only.fvp(v), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(half.g, prob.g, atol=1e-6, rtol=1e-5)
     # g is the policy gradient: token mean of A * grad log pi at theta_old

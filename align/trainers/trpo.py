@@ -8,8 +8,11 @@ One step (Schulman et al. 2015, "Trust Region Policy Optimization", §6 and appe
 2. at θ_old, the gradient ``g = ∇_θ L(θ_old)`` of the surrogate ``L(θ) = agg(π_θ(a_t|s_t)/π_old(a_t|s_t) · Â_t)``
    and the graph of ``∇_θ KL̄(θ)``, ``KL̄ = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t))`` over the rollout's tokens
    (the exact KL between the next-token distributions, :func:`align.losses.categorical_kl`);
-3. the natural-gradient direction ``x ≈ (F + λI)⁻¹ g`` by conjugate gradient, where ``F v`` is the Hessian-vector
-   product of KL̄ (double backward of ``∇KL̄ · v``; at θ_old that Hessian is the Fisher matrix) and λ the damping;
+3. the natural-gradient direction ``x ≈ (F + λI)⁻¹ g`` by conjugate gradient, where ``F v`` is the Fisher-vector
+   product in Gauss–Newton form ``F v = mean_t J_tᵀ(diag p_t − p_t p_tᵀ)J_t v`` (:mod:`align.fisher`: a
+   Jacobian-vector and a vector-Jacobian product per call, no second derivatives of the network), or with
+   ``fisher_product="kl_hessian"`` the Hessian-vector product of KL̄ by double backward (equal at θ_old: the
+   reference implementation), and λ the damping;
 4. the largest step of the quadratic model, ``s = β x`` with ``½ sᵀ(F + λI)s = δ`` (δ = max_kl), and a
    backtracking line search on ``θ_old + f·s``, f = 1, ½, ¼, …: the first candidate whose actual surrogate gain
    is positive (and at least accept_ratio of its linear prediction ``f·gᵀs``) with ``KL̄ ≤ δ(1 + kl_tolerance)``
@@ -33,6 +36,7 @@ from torch import nn
 
 from ..config import AlignError, TRPOConfig
 from ..data import split_evenly
+from ..fisher import GaussNewtonFisher
 from ..losses import POLICY_LOSSES, aggregate_count, categorical_kl, value_loss
 from ..optim_math import (LineSearchResult, backtracking_line_search, conjugate_gradient, flat_grad,
                           hessian_vector_product, max_step_size)
@@ -42,6 +46,9 @@ from .rl import RLSetup, RLStage, check_pg_config, pg_module, psi_rollout, run_r
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
+
+# how TrustRegionProblem multiplies by the Fisher matrix (equal at θ_old; the second is the reference)
+FISHER_PRODUCTS = ("gauss_newton", "kl_hessian")
 
 # ---------------------------------------------------------------------------------------------------------------
 # the algorithm
@@ -106,8 +113,10 @@ class TrustRegionProblem:
     """The local model of one TRPO step, built at θ_old from one forward per micro-batch of the rollout:
 
     - ``g`` (P,): the gradient of the surrogate L at θ_old (summed over micro-batches and processes);
-    - ``fvp(v)`` = ``(F + λI) v``: the Hessian of the mean KL̄(π_old ‖ π_θ) at θ_old times v, by double backward
-      through the kept graph of ``∇KL̄`` (one backward per call, no new forward);
+    - ``fvp(v)`` = ``(F + λI) v``: the Fisher matrix of the policy at θ_old times v (no new forward), in
+      Gauss–Newton form (``fisher="gauss_newton"``, :class:`align.fisher.GaussNewtonFisher`) or as the Hessian
+      of the mean KL̄(π_old ‖ π_θ) by double backward through the kept graph of ``∇KL̄``
+      (``fisher="kl_hessian"``); the two are equal at θ_old;
     - ``evaluate(θ)`` = (``L(θ) − L(θ_old)``, ``KL̄(θ)``) with the parameters set to θ (no gradient).
 
     ``params`` are the trainable parameters of `lm`; ``micro_batches`` splits the rollout (each keeps its graph
@@ -120,9 +129,12 @@ class TrustRegionProblem:
     def __init__(self, lm: nn.Module, r: Rollout, adv: Tensor, *, temperature: float = 1.0,
                  agg: str = "token-mean", damping: float = 0.0, micro_batches: int = 1,
                  fisher_fraction: float = 1.0, reduce: Callable[[Tensor], Tensor] | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 fisher: str = "gauss_newton"):
         if not 0 < fisher_fraction <= 1:
             raise ValueError(f"fisher_fraction must be in (0, 1], got {fisher_fraction}")
+        if fisher not in FISHER_PRODUCTS:
+            raise ValueError(f"fisher must be one of {', '.join(FISHER_PRODUCTS)}, got {fisher!r}")
         self.lm, self.temperature, self.agg, self.damping = lm, temperature, agg, damping
         self.reduce = reduce or (lambda t: t)
         self.autocast = autocast or contextlib.nullcontext
@@ -138,6 +150,8 @@ class TrustRegionProblem:
         self.n_tok, self.n_items, n_fisher = (max(float(x), 1.0) for x in counts)
         self.held: list[_Held] = []
         self.kl_grads: list[Tensor] = []
+        self.gauss_newton: GaussNewtonFisher | None = None
+        fisher_logits: list[Tensor] = []
         g, surr_old = None, torch.zeros((), dtype=torch.float64, device=adv.device)
         for idx, rows in zip(micro, fisher_rows):
             sub = r.subset(idx)
@@ -152,31 +166,40 @@ class TrustRegionProblem:
                 surr = surrogate(logp, h.old_logp, h.adv, sub.completion_mask, agg, self.n_items)
             gi = flat_grad(surr, self.params, retain_graph=whole).float()
             g = gi if g is None else g + gi
-            if whole:
-                kl = categorical_kl(h.old_logprobs, logits, temperature).sum() / n_fisher
-            else:  # a second forward of the Fisher rows only
+            f_logits = logits
+            if not whole:  # a second forward of the Fisher rows only
                 fs = sub.subset(rows)
                 fh = _Held(fs, sequence_inputs(fs.prompt_ids, fs.prompt_mask, fs.completion_ids,
                                                fs.completion_mask), h.adv, h.old_logp, h.old_logprobs)
                 with differentiable_attention(), self.autocast():
                     f_logits, _ = _forward(lm, fh, temperature)
-                    f_old = torch.log_softmax(f_logits.detach().float() / temperature, dim=-1)
-                    kl = categorical_kl(f_old, f_logits, temperature).sum() / n_fisher
-            self.kl_grads.append(flat_grad(kl, self.params, create_graph=True))
+            if fisher == "gauss_newton":
+                fisher_logits.append(f_logits)
+            else:
+                f_old = torch.log_softmax(f_logits.detach().float() / temperature, dim=-1)
+                kl = categorical_kl(f_old, f_logits, temperature).sum() / n_fisher
+                self.kl_grads.append(flat_grad(kl, self.params, create_graph=True))
             surr_old += surr.detach().double()
             self.held.append(h)
+        if fisher == "gauss_newton":  # the logits' graphs are kept by the Fisher until release()
+            self.gauss_newton = GaussNewtonFisher.from_logits(fisher_logits, temperature, self.params, n_fisher)
         self.g = self.reduce(g)
         self.surrogate_old = float(self.reduce(surr_old))
         self.theta_old = torch.cat([p.detach().reshape(-1).float() for p in self.params])
 
     def fvp(self, v: Tensor) -> Tensor:
-        """``(F + λI) v``, F the Hessian of KL̄ at θ_old. Shapes: (P,) → (P,) float32."""
-        hv = sum(hessian_vector_product(gk, self.params, v).float() for gk in self.kl_grads)
-        return self.reduce(hv) + self.damping * v
+        """``(F + λI) v``, F the Fisher matrix (the Hessian of KL̄) at θ_old. Shapes: (P,) → (P,) float32."""
+        if self.gauss_newton is not None:
+            fv = self.gauss_newton.fvp(v).float()
+        else:
+            fv = sum(hessian_vector_product(gk, self.params, v).float() for gk in self.kl_grads)
+        return self.reduce(fv) + self.damping * v
 
     def release(self) -> None:
-        """Free the double-backward graphs (fvp is unusable afterwards)."""
+        """Free the graphs kept for the Fisher-vector products (fvp is unusable afterwards)."""
         self.kl_grads = []
+        if self.gauss_newton is not None:
+            self.gauss_newton.release()
 
     def set_params(self, theta: Tensor) -> None:
         _set_params(self.params, theta)
@@ -201,15 +224,15 @@ def trpo_update(lm: nn.Module, r: Rollout, adv: Tensor, *, max_kl: float, temper
                 cg_residual_tol: float = 1e-10, line_search_steps: int = 10, backtrack_ratio: float = 0.5,
                 accept_ratio: float = 0.1, kl_tolerance: float = 0.0, micro_batches: int = 1,
                 fisher_fraction: float = 1.0, reduce: Callable[[Tensor], Tensor] | None = None,
-                autocast: Callable[[], contextlib.AbstractContextManager] | None = None
-                ) -> tuple[LineSearchResult, dict[str, float]]:
+                autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                fisher: str = "gauss_newton") -> tuple[LineSearchResult, dict[str, float]]:
     """One TRPO step of the trainable parameters of `lm` (a SelectiveLM-like module) on rollout `r` with
     advantages `adv` (B, C): conjugate gradient on :class:`TrustRegionProblem`'s ``fvp`` for ``x ≈ (F+λI)⁻¹g``,
     the step ``s = sqrt(2δ / xᵀ(F+λI)x) · x``, then :func:`align.optim_math.backtracking_line_search`. Leaves
     `lm` at θ_old + f·s (accepted) or θ_old (rejected). Returns (line-search result, metrics)."""
     prob = TrustRegionProblem(lm, r, adv, temperature=temperature, agg=agg, damping=cg_damping,
                               micro_batches=micro_batches, fisher_fraction=fisher_fraction, reduce=reduce,
-                              autocast=autocast)
+                              autocast=autocast, fisher=fisher)
     g = prob.g
     stats: dict[str, float] = {"surrogate": prob.surrogate_old, "grad_norm": float(g.norm())}
     x, residual = conjugate_gradient(prob.fvp, g, cg_iters, cg_residual_tol)
@@ -261,7 +284,7 @@ class TRPOStep:
                 line_search_steps=cfg.line_search_steps, backtrack_ratio=cfg.backtrack_ratio,
                 accept_ratio=cfg.accept_ratio, kl_tolerance=cfg.kl_tolerance,
                 micro_batches=cfg.gradient_accumulation_steps, fisher_fraction=cfg.fisher_fraction,
-                reduce=self._reduce, autocast=run.accelerator.autocast)
+                reduce=self._reduce, autocast=run.accelerator.autocast, fisher=cfg.fisher_product)
         if res.steps == 0 and run.is_main:
             logger.info("step %d: no TRPO step: %s", step + 1, res.last_reason)
         elif not res.accepted and run.is_main:
