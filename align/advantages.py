@@ -235,6 +235,13 @@ def _psi_reward_to_go_baseline(rewards, mask, gamma, lam, values, baseline):
     return torch.where(_valid(mask), out, torch.zeros_like(out))
 
 
+def _psi_q_value(rewards, mask, gamma, lam, values, baseline):
+    if values is None:
+        raise ValueError("psi 'q_value' needs critic values")
+    q = rewards + gamma * _next_values(values, mask)
+    return torch.where(_valid(mask), q, torch.zeros_like(q))
+
+
 def _psi_gae(rewards, mask, gamma, lam, values, baseline):
     if values is None:
         raise ValueError("psi 'gae' needs critic values")
@@ -250,6 +257,7 @@ def _psi_td_residual(rewards, mask, gamma, lam, values, baseline):
 PSI_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "return": _psi_return,  # Σ_{t'} γ^{t'} r_{t'}: the whole trajectory's return at every token
     "reward_to_go": _psi_reward_to_go,  # Σ_{t' ≥ t} γ^{t'−t} r_{t'}
+    "q_value": _psi_q_value,  # Q(s_t, a_t) ≈ r_t + γ V(s_{t+1}), the critic's one-step estimate
     "reward_to_go_baseline": _psi_reward_to_go_baseline,  # Σ_{t' ≥ t} γ^{t'−t} r_{t'} − b(s_t)
     "gae": _psi_gae,  # Σ_l (γλ)^l δ_{t+l}, an estimate of A^π(s_t, a_t)
     "td_residual": _psi_td_residual,  # δ_t = r_t + γ V(s_{t+1}) − V(s_t)
@@ -269,6 +277,8 @@ def policy_gradient_psi(
 
     - ``"return"``: ``R = Σ_k γ^k r_k`` (Monte-Carlo, the same for every token of a sequence);
     - ``"reward_to_go"``: ``G_t = Σ_{t' ≥ t} γ^{t'−t} r_{t'}`` (drops rewards earned before ``a_t``);
+    - ``"q_value"``: ``Q(s_t, a_t) ≈ r_t + γ V_{t+1}`` from the critic (needs ``values``; ``V`` = 0 after the
+      last valid token, so the last token's Q is its reward);
     - ``"reward_to_go_baseline"``: ``G_t − b(s_t)`` with ``baseline`` b: critic values (B, T) or a per-sequence
       mean (B,) from :func:`sequence_baseline`;
     - ``"gae"``: ``Â_t^{GAE(γ, λ)}`` (needs ``values``; λ = 1 equals ``G_t − V_t``, λ = 0 the TD residual);
@@ -361,8 +371,8 @@ def ppo_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
 
 
 def needs_values(psi: str, baseline: str) -> bool:
-    """Whether Ψ reads critic values: gae, td_residual, and reward_to_go_baseline with baseline=value."""
-    return psi in ("gae", "td_residual") or (psi == "reward_to_go_baseline" and baseline == "value")
+    """Whether Ψ reads critic values: q_value, gae, td_residual, and reward_to_go_baseline with baseline=value."""
+    return psi in ("q_value", "gae", "td_residual") or (psi == "reward_to_go_baseline" and baseline == "value")
 
 
 def psi_and_value_targets(rewards: Tensor, mask: Tensor, *, psi: str, baseline: str = "batch_mean",

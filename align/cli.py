@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sys
 
+from . import __version__
 from .config import AlignError, load_config
 from .stages import STAGES, config_class, runner
 
 
 def usage() -> str:
     width = max(len(s) for s in STAGES)
-    lines = ["usage: align <stage> --config FILE [--field value ...]", "", "stages:"]
+    lines = ["usage: align <stage> --config FILE [--field value ...]   (align --version)", "", "stages:"]
     lines += [f"  {name.ljust(width)}  {s.description}" for name, s in STAGES.items()]
     lines += ["", "`align <stage> --help` lists the stage's fields."]
     return "\n".join(lines)
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"align {__version__}")
+        return 0
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         print(f"error: unknown stage '{stage}'\n\n{usage()}", file=sys.stderr)
@@ -34,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_class(stage), rest, prog=f"align {stage}")
         result = runner(stage)(cfg)
     except AlignError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,15 +1,21 @@
-"""Configuration: one flat dataclass per stage, a help text per field.
+"""Configuration: one flat dataclass per stage, a help text and the valid values per field.
 
 YAML files and command-line overrides are merged here and nowhere else: `load_config(cls, argv)` reads
 `--config FILE`, applies every `--field value` on top, checks types and names, and returns a frozen view of
 the run's settings. Every field can be set in YAML or on the command line, and `align <stage> --help`
-lists them with their help text.
+lists them with their help text, grouped by topic.
+
+Every field declares its valid values where it is declared: ``_f(default, help, choices=..., ge=, gt=, le=,
+lt=)`` (for a list field, ``choices`` applies to each element; a number must be finite). Building a config
+checks them all (:class:`Checked`), so a stage refuses a bad value, one line per problem naming the field, the
+value and the rule, before it reads, loads or writes anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,17 +25,69 @@ import yaml
 
 
 class AlignError(Exception):
-    """A user-facing error: printed as one line by the CLI, which then exits non-zero."""
+    """A user-facing error: printed by the CLI as one line per problem (``error: ...``), which then exits 2."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None) -> Any:
+    """A config field: its default, help text and valid values (``choices``; bounds ``ge``/``gt``/``le``/``lt``)."""
+    meta: dict[str, Any] = {"help": help}
+    for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt)):
+        if v is not None:
+            meta[k] = v
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def rule_text(meta: dict[str, Any]) -> str:
+    """The declared rule of a field as words: 'one of a, b', '>= 1', 'in [0, 1)'; '' when there is none."""
+    if "choices" in meta:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    lo = [(k, meta[k]) for k in ("ge", "gt") if k in meta]
+    hi = [(k, meta[k]) for k in ("le", "lt") if k in meta]
+    if lo and hi:
+        (lk, lv), (hk, hv) = lo[0], hi[0]
+        return f"in {'[' if lk == 'ge' else '('}{lv}, {hv}{']' if hk == 'le' else ')'}"
+    return " and ".join(f"{_BOUNDS[k]} {v}" for k, v in lo + hi)
+
+
+def _breaks(meta: dict[str, Any], v: Any) -> bool:
+    if "choices" in meta:
+        return v not in meta["choices"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return not math.isfinite(v) or any(not {"ge": v >= b, "gt": v > b, "le": v <= b, "lt": v < b}[k]
+                                       for k, b in meta.items() if k in _BOUNDS)
+
+
+def field_problems(cfg: Any) -> list[str]:
+    """One line per field whose value breaks its declared rule (or is a number that is not finite)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in (value if isinstance(value, list) else [value]):
+            if _breaks(f.metadata, v):
+                rule = rule_text(f.metadata) or "a finite number"
+                out.append(f"field '{f.name}': {v!r} is not {rule}")
+                break
+    return out
+
+
+class Checked:
+    """Base of every stage's config dataclass: building one checks every field against its declared rule."""
+
+    def __post_init__(self) -> None:
+        problems = field_problems(self)
+        if problems:
+            raise AlignError("\n".join(problems))
 
 
 @dataclass
-class BaseConfig:
+class BaseConfig(Checked):
     """Fields shared by every training stage (names follow Hugging Face `TrainingArguments`)."""
 
     model: str = _f("", "Hub id or local path of the model to start from (a causal LM).")
@@ -41,51 +99,63 @@ class BaseConfig:
                                  "{prompt: question, answer: final_answer} for a hub data set with other names.")
     output_dir: str = _f("", "Where the final model, metrics.jsonl and checkpoints/ are written.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (other than resuming).")
-    seed: int = _f(0, "Random seed for data order, initialisation of new heads and sampling.")
-    max_steps: int = _f(-1, "Number of optimizer steps; -1 derives it from num_train_epochs.")
-    num_train_epochs: float = _f(1.0, "Passes over train_data when max_steps is -1.")
-    per_device_train_batch_size: int = _f(8, "Examples per process per micro-batch.")
-    per_device_eval_batch_size: int = _f(32, "Examples per process per evaluation batch.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated into one optimizer step.")
-    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    seed: int = _f(0, "Random seed for data order, initialisation of new heads and sampling.", ge=0)
+    max_steps: int = _f(-1, "Number of optimizer steps; -1 derives it from num_train_epochs.", ge=-1)
+    num_train_epochs: float = _f(1.0, "Passes over train_data when max_steps is -1.", gt=0)
+    per_device_train_batch_size: int = _f(8, "Examples per process per micro-batch.", ge=1)
+    per_device_eval_batch_size: int = _f(32, "Examples per process per evaluation batch.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated into one optimizer step.", ge=1)
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0)
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup: constant, linear or cosine.",
                                 choices=("constant", "linear", "cosine"))
-    warmup_steps: int = _f(0, "Linear warmup steps (overrides warmup_ratio when > 0).")
-    warmup_ratio: float = _f(0.0, "Fraction of max_steps used for linear warmup.")
-    logging_steps: int = _f(10, "Log metrics every N optimizer steps (and at the last step).")
-    eval_steps: int = _f(0, "Evaluate every N steps (0: only at the end, if eval_data is set).")
-    save_steps: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final model).")
-    save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest removed first); 0 keeps all.")
+    warmup_steps: int = _f(0, "Linear warmup steps (overrides warmup_ratio when > 0).", ge=0)
+    warmup_ratio: float = _f(0.0, "Fraction of max_steps used for linear warmup.", ge=0, le=1)
+    logging_steps: int = _f(10, "Log metrics every N optimizer steps (and at the last step).", ge=1)
+    eval_steps: int = _f(0, "Evaluate every N steps (0: only at the end, if eval_data is set).", ge=0)
+    save_steps: int = _f(0, "Write a resumable checkpoint every N steps (0: only the final model).", ge=0)
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints (oldest removed first); 0 keeps all.", ge=0)
     resume_from_checkpoint: str = _f("", "Checkpoint directory to resume from, or 'latest' for the newest one "
                                          "in output_dir/checkpoints.")
-    max_length: int = _f(512, "Maximum tokens of one training sequence; longer examples are an error.")
+    max_length: int = _f(512, "Maximum tokens of one training sequence; longer examples are an error.", ge=2)
     dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 autocast on GPUs that support it), "
                             "float32, bfloat16 or float16.",
                     choices=("auto", "float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (off: safer).")
     use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA scaling alpha.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_r: int = _f(16, "LoRA rank.", ge=1)
+    lora_alpha: int = _f(32, "LoRA scaling alpha.", gt=0)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", ge=0, lt=1)
     lora_target_modules: list = _f(["all-linear"], "Modules that get LoRA adapters; 'all-linear' means every "
                                                     "linear layer except the output head.")
-    report_to: str = _f("none", "Extra metrics sink besides metrics.jsonl: none or tensorboard.",
-                        choices=("none", "tensorboard"))
+    report_to: list = _f([], "Experiment trackers besides metrics.jsonl (always written), handed to accelerate: "
+                             "any of tensorboard, wandb, mlflow, trackio, comet_ml, or all (every installed one); "
+                             "empty or none: no tracker.",
+                        choices=("none", "all", "tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "comet"))
+    run_name: str = _f("", "Name of the run in the trackers (default: the output_dir's folder name).")
+    merge_lora: bool = _f(False, "With use_lora: save the base model with the adapter merged in (a full model that "
+                                 "loads with AutoModelForCausalLM.from_pretrained; a reward model with "
+                                 "AutoModelForSequenceClassification) instead of the adapter alone; PPO's critic "
+                                 "adapter is merged into output_dir/value_model too. Without use_lora: no effect.")
+    push_to_hub: bool = _f(False, "Upload output_dir's final model and tokenizer (not checkpoints/ or tensorboard/) "
+                                  "to the Hugging Face Hub after the final save; refused before training when "
+                                  "HF_HUB_OFFLINE is set or there is no token (`hf auth login` or HF_TOKEN).")
+    hub_model_id: str = _f("", "Hub repository for push_to_hub, e.g. user/my-model (default: the output_dir's "
+                               "folder name under your account).")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
-    num_threads: int = _f(0, "CPU threads for torch (0: torch's default). Tiny models run fastest on 1.")
+    num_threads: int = _f(0, "CPU threads for torch (0: torch's default). Tiny models run fastest on 1.", ge=0)
 
 
 @dataclass
 class SFTConfig(BaseConfig):
     """Supervised fine-tuning on demonstrations."""
 
-    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.", gt=0)
     completion_only_loss: bool = _f(True, "Loss on completion / assistant tokens only (prompt tokens masked).")
     packing: bool = _f(True, "Pack sequences into rows of max_length tokens so padding costs no compute "
                              "(attention stays within each sequence).")
@@ -97,14 +167,14 @@ class SFTConfig(BaseConfig):
 class RMConfig(BaseConfig):
     """Reward model: a scalar head on a causal LM trained on pairwise or ranked comparisons (Bradley-Terry)."""
 
-    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW (the new head and the backbone alike).")
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW (the new head and the backbone alike).", gt=0)
     per_device_train_batch_size: int = _f(8, "Prompts (comparison rows) per process per micro-batch; a ranked "
-                                             "row of K responses counts once and gives K(K-1)/2 pairs.")
+                                             "row of K responses counts once and gives K(K-1)/2 pairs.", ge=1)
     margin_column: str = _f("margin", "Column with a per-pair margin m in -log sigmoid(r_c - r_r - m); rows "
                                       "without it (or files without the column) use 0. Empty: ignore margins.")
     center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centring penalty, coefficient * mean of "
                                                "r^2 over the responses of a comparison, which keeps rewards near "
-                                               "zero for the RL stage (TRL name; 0.01 is a common value).")
+                                               "zero for the RL stage (TRL name; 0.01 is a common value).", ge=0)
     ranking_column: str = _f("ranking", "For ranked rows (prompt + responses): optional column of ranks, one "
                                         "per response, 1 = best (ties make no pair); without it responses are "
                                         "ordered best first.")
@@ -179,21 +249,20 @@ def _coerce(value: Any, typ: Any, where: str, name: str) -> Any:
 
 
 def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Create `cls` from a mapping, rejecting unknown fields and values of the wrong type or choice."""
+    """Create `cls` from a mapping, rejecting unknown fields, values of the wrong type and values that break a
+    field's declared rule (every such field, one line each, prefixed with `where`)."""
     types = _field_types(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
         if name not in types:
             near = [n for n in types if n.split("_")[0] == str(name).split("_")[0]][:3]
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise AlignError(f"{where}: unknown config field '{name}' for {cls.__name__}{hint}")
-        v = _coerce(value, types[name], where, name)
-        choices = fields[name].metadata.get("choices")
-        if choices and v not in choices:
-            raise AlignError(f"{where}: field '{name}': {v!r} is not one of {', '.join(map(str, choices))}")
-        kwargs[name] = v
-    return cls(**kwargs)
+        kwargs[name] = _coerce(value, types[name], where, name)
+    try:
+        return cls(**kwargs)
+    except AlignError as e:
+        raise AlignError("\n".join(f"{where}: {line}" for line in str(e).splitlines())) from None
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -211,16 +280,44 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+# `align <stage> --help` groups: field name -> topic; a stage's own fields form a group of their own
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "ref_model", "reward_model", "value_model", "dtype", "trust_remote_code", "use_lora", "lora_r",
+              "lora_alpha", "lora_dropout", "lora_target_modules", "gradient_checkpointing"),
+    "data": ("train_data", "eval_data", "train_split", "eval_split", "column_map", "max_length", "eval_max_samples"),
+    "optimisation": ("max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "seed",
+                     "num_threads"),
+    "RL: sampling, rewards and KL": ("max_new_tokens", "temperature", "top_p", "top_k", "missing_eos_penalty",
+                                     "reward_funcs", "reward_weights", "gold_reward_funcs", "beta",
+                                     "kl_estimator"),
+    "output, logging and checkpoints": ("output_dir", "overwrite_output_dir", "logging_steps", "eval_steps",
+                                        "save_steps", "save_total_limit", "resume_from_checkpoint", "report_to",
+                                        "run_name", "disable_tqdm", "merge_lora", "push_to_hub", "hub_model_id"),
+}
+_GROUP_OF = {name: group for group, names in HELP_GROUPS.items() for name in names}
+
+
 def make_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with `--config` and one `--name` option per dataclass field (help from metadata)."""
+    """An argparse parser with `--config` and one `--name` option per dataclass field, grouped by topic (help,
+    default and valid values from the field's declaration)."""
     p = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or ""), allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with field: value lines; command-line options "
                                                   "override it.")
-    for name, tname, default, help_text in field_help(cls):
-        shown = ",".join(default) if isinstance(default, list) else default
-        p.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar=tname.upper(),
-                       help=f"{help_text} (default: {shown!r})")
+    own = f"{cls.__name__.removesuffix('Config')} settings"
+    fields = dataclasses.fields(cls)
+    titles = [*list(HELP_GROUPS)[:-1], own, list(HELP_GROUPS)[-1]]  # the stage's own before output/logging
+    used = {_GROUP_OF.get(f.name, own) for f in fields}
+    groups = {t: p.add_argument_group(t) for t in titles if t in used}
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        rule = rule_text(f.metadata)
+        groups[_GROUP_OF.get(f.name, own)].add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_type_name(f).upper(),
+                           help=f"{f.metadata.get('help', '')} (default: {shown!r}{'; ' + rule if rule else ''})"
+                           .replace("%", "%%"))
     return p
 
 
@@ -258,17 +355,17 @@ class RLConfig(BaseConfig):
     train_data holds prompts: a 'prompt' column (string or chat messages) and any other columns, which reach the
     reward functions as keyword lists (e.g. 'answer' for exact_match)."""
 
-    learning_rate: float = _f(3e-6, "Peak learning rate of AdamW.")
+    learning_rate: float = _f(3e-6, "Peak learning rate of AdamW.", gt=0)
     per_device_train_batch_size: int = _f(16, "Prompts per process per RL step (each gives one rollout in "
-                                              "PPO, num_generations in GRPO).")
+                                              "PPO, num_generations in GRPO).", ge=1)
     max_new_tokens: int = _f(64, "Maximum tokens generated per completion (TRL: max_completion_length / "
-                                 "response_length); a completion without EOS by then is cut.")
-    temperature: float = _f(1.0, "Sampling temperature; log-probabilities for the loss use the same one.")
+                                 "response_length); a completion without EOS by then is cut.", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature; log-probabilities for the loss use the same one.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling threshold (1: off). Log-probabilities stay those of the untruncated "
-                           "tempered distribution, so leave it at 1 for exact on-policy ratios.")
-    top_k: int = _f(0, "Top-k sampling (0: off); same caveat as top_p.")
+                           "tempered distribution, so leave it at 1 for exact on-policy ratios.", gt=0, le=1)
+    top_k: int = _f(0, "Top-k sampling (0: off); same caveat as top_p.", ge=0)
     missing_eos_penalty: float = _f(0.0, "Subtracted from the reward of a completion that reached "
-                                         "max_new_tokens without EOS (TRL name; 0: off).")
+                                         "max_new_tokens without EOS (TRL name; 0: off).", ge=0)
     reward_model: str = _f("", "Reward-model directory (saved by `align rm`) used as a reward source, named "
                                "'reward_model' in the logs.")
     reward_funcs: list = _f([], "Reward functions: built-in names (exact_match, number_match, format_digits, "
@@ -281,10 +378,10 @@ class RLConfig(BaseConfig):
                                      "eval_data (e.g. exact_match).")
     ref_model: str = _f("", "Frozen reference policy for the KL penalty (default: model). With use_lora the "
                             "reference is model with the adapter disabled: no second copy of the weights.")
-    beta: float = _f(0.05, "KL penalty coefficient (TRL's PPO calls it kl_coef); 0 disables the penalty.")
+    beta: float = _f(0.05, "KL penalty coefficient (TRL's PPO calls it kl_coef); 0 disables the penalty.", ge=0)
     kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log-ratio, unbiased), k2 (half squared "
                                  "log-ratio), k3 (r - 1 - log r, unbiased and >= 0).", choices=("k1", "k2", "k3"))
-    eval_max_samples: int = _f(0, "Greedy evaluation on eval_data uses only the first N prompts (0: all).")
+    eval_max_samples: int = _f(0, "Greedy evaluation on eval_data uses only the first N prompts (0: all).", ge=0)
 
 
 @dataclass
@@ -297,18 +394,18 @@ class PPOConfig(RLConfig):
     clipping only (default); KL penalty in the objective with fixed beta (use_clipping=false, kl_in=loss,
     kl_to=old); adaptive beta (same with kl_controller=doubling); neither (use_clipping=false, beta=0)."""
 
-    num_ppo_epochs: int = _f(4, "Passes over each batch of rollouts.")
-    num_mini_batches: int = _f(1, "Minibatches (optimizer updates) per pass over the rollouts.")
-    cliprange: float = _f(0.2, "Policy ratio clip range epsilon (TRL name; GRPO calls it epsilon).")
+    num_ppo_epochs: int = _f(4, "Passes over each batch of rollouts.", ge=1)
+    num_mini_batches: int = _f(1, "Minibatches (optimizer updates) per pass over the rollouts.", ge=1)
+    cliprange: float = _f(0.2, "Policy ratio clip range epsilon (TRL name; GRPO calls it epsilon).", gt=0)
     use_clipping: bool = _f(True, "Clip the policy ratio (false: plain importance-weighted objective).")
-    cliprange_value: float = _f(0.2, "Clip range of the value prediction around the rollout values (0: off).")
-    vf_coef: float = _f(0.1, "Weight of the value loss.")
-    gamma: float = _f(1.0, "Discount factor of GAE.")
-    lam: float = _f(0.95, "GAE lambda: 1 gives Monte-Carlo returns minus the baseline, 0 the TD residual.")
+    cliprange_value: float = _f(0.2, "Clip range of the value prediction around the rollout values (0: off).", ge=0)
+    vf_coef: float = _f(0.1, "Weight of the value loss.", ge=0)
+    gamma: float = _f(1.0, "Discount factor of GAE.", ge=0, le=1)
+    lam: float = _f(0.95, "GAE lambda: 1 gives Monte-Carlo returns minus the baseline, 0 the TD residual.", ge=0, le=1)
     whiten_advantages: bool = _f(True, "Normalise advantages to mean 0, std 1 over the batch's tokens.")
-    entropy_coef: float = _f(0.0, "Weight of the entropy bonus (subtracted from the loss).")
+    entropy_coef: float = _f(0.0, "Weight of the entropy bonus (subtracted from the loss).", ge=0)
     target_approx_kl: float = _f(0.0, "Stop a step's epoch loop once the mean approximate KL(pi_old || pi) of "
-                                      "the updates so far exceeds this (0: never).")
+                                      "the updates so far exceeds this (0: never).", ge=0)
     kl_in: str = _f("reward", "Where the KL penalty goes: reward (per-token -beta*KL added to the reward, "
                               "InstructGPT) or loss (beta*KL added to the objective, PPO paper / GRPO).",
                     choices=("reward", "loss"))
@@ -320,8 +417,8 @@ class PPOConfig(RLConfig):
                                      "beta*2 when KL > 1.5*target_kl, beta/2 when KL < target_kl/1.5).",
                             choices=("fixed", "adaptive", "doubling"))
     target_kl: float = _f(6.0, "KL target of the adaptive/doubling controllers: nats per completion (sum over "
-                               "its tokens) for kl_to=ref, nats per token for kl_to=old (as in the PPO paper).")
-    kl_horizon: int = _f(10000, "Horizon (in rollouts) of the adaptive controller.")
+                               "its tokens) for kl_to=ref, nats per token for kl_to=old (as in the PPO paper).", gt=0)
+    kl_horizon: int = _f(10000, "Horizon (in rollouts) of the adaptive controller.", ge=1)
     value_model: str = _f("", "Critic: a model directory or hub id (a reward model keeps its head, a causal LM "
                               "gets a new one), or 'policy' for a value head on the policy's trunk (half the "
                               "compute, but the value loss then trains the policy's weights too: keep rewards "
@@ -339,18 +436,18 @@ class PolicyGradientConfig(RLConfig):
 
     num_generations: int = _f(1, "Completions sampled per prompt (TRL name); each step has "
                                  "per_device_train_batch_size x num_generations rollouts per process. "
-                                 "baseline=group_mean needs >= 2.")
+                                 "baseline=group_mean needs >= 2.", ge=1)
     psi: str = _f("reward_to_go_baseline", "Psi_t, the weight of each token's grad log-prob: return (the total "
                                            "return), reward_to_go, reward_to_go_baseline (reward-to-go minus "
-                                           "`baseline`), gae (GAE advantage), td_residual "
-                                           "(r_t + gamma V_{t+1} - V_t).",
-                  choices=("return", "reward_to_go", "reward_to_go_baseline", "gae", "td_residual"))
+                                           "`baseline`), q_value (the critic's Q(s_t, a_t) = r_t + gamma "
+                                           "V_{t+1}), gae (GAE advantage), td_residual (r_t + gamma V_{t+1} - V_t).",
+                  choices=("return", "reward_to_go", "reward_to_go_baseline", "q_value", "gae", "td_residual"))
     baseline: str = _f("batch_mean", "Baseline of psi=reward_to_go_baseline: value (the critic's V(s_t)), "
                                      "batch_mean (mean return of the process's batch) or group_mean (mean return "
                                      "of the prompt's num_generations completions).",
                        choices=("value", "batch_mean", "group_mean"))
-    gamma: float = _f(1.0, "Discount factor of returns, rewards-to-go, TD residuals and GAE.")
-    lam: float = _f(0.95, "GAE lambda (psi=gae only).")
+    gamma: float = _f(1.0, "Discount factor of returns, rewards-to-go, TD residuals and GAE.", ge=0, le=1)
+    lam: float = _f(0.95, "GAE lambda (psi=gae only).", ge=0, le=1)
     whiten_advantages: bool = _f(False, "Normalise Psi to mean 0, std 1 over the batch's tokens.")
     loss_agg: str = _f("seq-mean-token-sum", "How per-token terms become the loss: seq-mean-token-sum (the "
                                              "textbook estimator: sum over a trajectory, mean over "
@@ -362,7 +459,7 @@ class PolicyGradientConfig(RLConfig):
                               "its head, a causal LM gets a new one), 'policy' for a value head on the policy's "
                               "trunk; default: reward_model when set, else model.")
     vf_coef: float = _f(0.1, "Weight of the critic's regression loss in REINFORCE's joint loss (TRPO fits the "
-                             "critic on its own, see vf_iters).")
+                             "critic on its own, see vf_iters).", ge=0)
 
 
 @dataclass
@@ -370,7 +467,7 @@ class ReinforceConfig(PolicyGradientConfig):
     """Vanilla policy gradient (REINFORCE, Williams 1992) with Psi chosen by name: one on-policy AdamW update of
     ``-agg(Psi_t log pi(a_t|s_t)) + vf_coef * value loss`` per batch of rollouts."""
 
-    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.", gt=0)
 
 
 @dataclass
@@ -382,7 +479,7 @@ class TRPOConfig(PolicyGradientConfig):
     The policy is moved by that step only (learning_rate, the AdamW fields and max_grad_norm apply to the critic
     alone); its trainable parameters are all of them, or the LoRA adapters with use_lora."""
 
-    learning_rate: float = _f(1e-4, "Peak learning rate of the critic's AdamW (the policy takes TRPO steps).")
+    learning_rate: float = _f(1e-4, "Peak learning rate of the critic's AdamW (the policy takes TRPO steps).", gt=0)
     whiten_advantages: bool = _f(False, "Normalise Psi to mean 0, std 1 over the batch's tokens. The TRPO step "
                                         "does not depend on Psi's scale (delta sets the length), only the mean "
                                         "shift changes it.")
@@ -391,10 +488,10 @@ class TRPOConfig(PolicyGradientConfig):
                                      "seq-mean-token-sum-norm.",
                        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                 "seq-mean-token-sum-norm"))
-    max_kl: float = _f(0.01, "Trust-region radius delta: the largest mean per-token KL(pi_old || pi) of a step.")
-    cg_iters: int = _f(10, "Conjugate-gradient iterations (Fisher-vector products) per step.")
-    cg_damping: float = _f(0.1, "Damping lambda added to the Fisher matrix: (F + lambda I) x = g.")
-    cg_residual_tol: float = _f(1e-10, "Stop conjugate gradient once the squared residual is below this.")
+    max_kl: float = _f(0.01, "Trust-region radius delta: the largest mean per-token KL(pi_old || pi) of a step.", gt=0)
+    cg_iters: int = _f(10, "Conjugate-gradient iterations (Fisher-vector products) per step.", ge=1)
+    cg_damping: float = _f(0.1, "Damping lambda added to the Fisher matrix: (F + lambda I) x = g.", ge=0)
+    cg_residual_tol: float = _f(1e-10, "Stop conjugate gradient once the squared residual is below this.", ge=0)
     fisher_product: str = _f("gauss_newton", "How the conjugate gradient multiplies by the Fisher matrix: "
                                               "gauss_newton (J^T (diag p - p p^T) J v: a Jacobian-vector and a "
                                               "vector-Jacobian product, no second derivatives; faster) or "
@@ -402,14 +499,14 @@ class TRPOConfig(PolicyGradientConfig):
                                               "at the policy that sampled.", choices=("gauss_newton", "kl_hessian"))
     fisher_fraction: float = _f(1.0, "Fraction of each batch's rollouts (evenly spaced) on which the Fisher-vector "
                                      "products are computed; < 1 makes each conjugate-gradient iteration that much "
-                                     "cheaper (the gradient and the line search use every rollout).")
+                                     "cheaper (the gradient and the line search use every rollout).", gt=0, le=1)
     line_search_steps: int = _f(10, "Candidate steps of the backtracking line search (full step, then "
-                                     "shrunk by backtrack_ratio each time).")
-    backtrack_ratio: float = _f(0.5, "Factor by which the line search shrinks a rejected step.")
+                                     "shrunk by backtrack_ratio each time).", ge=1)
+    backtrack_ratio: float = _f(0.5, "Factor by which the line search shrinks a rejected step.", gt=0, lt=1)
     accept_ratio: float = _f(0.1, "A step must improve the surrogate by more than 0 and by at least this "
-                                  "fraction of the linear prediction g.step.")
-    kl_tolerance: float = _f(0.0, "A step is accepted with KL up to max_kl * (1 + kl_tolerance).")
-    vf_iters: int = _f(4, "AdamW passes of the critic's regression over each batch of rollouts.")
+                                  "fraction of the linear prediction g.step.", ge=0)
+    kl_tolerance: float = _f(0.0, "A step is accepted with KL up to max_kl * (1 + kl_tolerance).", ge=0)
+    vf_iters: int = _f(4, "AdamW passes of the critic's regression over each batch of rollouts.", ge=1)
 
 
 @dataclass
@@ -428,16 +525,16 @@ class GRPOConfig(RLConfig):
     with replayed original comparisons."""
 
     per_device_train_batch_size: int = _f(16, "Completions (not prompts) per process per micro-batch, as in TRL; "
-                                              "a multiple of num_generations.")
-    num_generations: int = _f(8, "Completions sampled per prompt: the group size G (>= 2).")
+                                              "a multiple of num_generations.", ge=1)
+    num_generations: int = _f(8, "Completions sampled per prompt: the group size G (>= 2).", ge=2)
     beta: float = _f(0.0, "Coefficient of the KL(pi || pi_ref) term in the loss; 0 (TRL's default) loads no "
-                          "reference model at all. DeepSeekMath used 0.04.")
+                          "reference model at all. DeepSeekMath used 0.04.", ge=0)
     kl_estimator: str = _f("k3", "Per-token KL estimator in the loss: k3 (r - 1 - log r, GRPO's), k1 or k2.",
                            choices=("k1", "k2", "k3"))
-    epsilon: float = _f(0.2, "Lower clip range of the ratio: clip(ratio, 1 - epsilon, 1 + epsilon_high).")
-    epsilon_high: float = _f(0.0, "Upper clip range (DAPO's clip-higher, e.g. 0.28); 0 means equal to epsilon.")
+    epsilon: float = _f(0.2, "Lower clip range of the ratio: clip(ratio, 1 - epsilon, 1 + epsilon_high).", gt=0)
+    epsilon_high: float = _f(0.0, "Upper clip range (DAPO's clip-higher, e.g. 0.28); 0 means equal to epsilon.", ge=0)
     num_iterations: int = _f(1, "Optimizer updates per batch of rollouts (mu); the ratio's denominator stays the "
-                                "log-probabilities recorded while sampling.")
+                                "log-probabilities recorded while sampling.", ge=1)
     loss_type: str = _f("dapo", "How per-token losses are averaged (TRL names, or our aggregate modes): dapo = "
                                 "token-mean over the step's batch; grpo = seq-mean-token-mean; dr_grpo = "
                                 "seq-mean-token-sum-norm (sum over tokens / max_new_tokens, mean over "
@@ -453,9 +550,9 @@ class GRPOConfig(RLConfig):
                                      "step's rewards, all processes), none (no division: the same as "
                                      "advantage=mean). Other advantages take group or none.",
                             choices=("group", "batch", "none"))
-    softmax_beta: float = _f(1.0, "Temperature beta of advantage=softmax (larger: sharper weight on the best).")
+    softmax_beta: float = _f(1.0, "Temperature beta of advantage=softmax (larger: sharper weight on the best).", gt=0)
     ref_update_every: int = _f(0, "Iterative GRPO: every N steps the reference becomes the current policy "
-                                  "(needs beta > 0); 0 never.")
+                                  "(needs beta > 0); 0 never.", ge=0)
     rm_update: bool = _f(False, "Iterative GRPO: keep training reward_model during RL on comparisons made from "
                                 "each group (completions that rm_label_funcs rank apart), one AdamW step per "
                                 "RL step; the trained model is saved in output_dir/reward_model.")
@@ -464,5 +561,5 @@ class GRPOConfig(RLConfig):
     rm_replay_data: str = _f("", "Original comparisons (prompt+chosen+rejected or ranked responses; comma-"
                                  "separated files) replayed in every reward-model update.")
     rm_replay_ratio: float = _f(0.1, "Fraction of each reward-model update's comparisons drawn from "
-                                     "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).")
-    rm_learning_rate: float = _f(1e-5, "Learning rate of the reward model's AdamW during rm_update.")
+                                     "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).", ge=0, lt=1)
+    rm_learning_rate: float = _f(1e-5, "Learning rate of the reward model's AdamW during rm_update.", gt=0)

@@ -88,6 +88,8 @@ def _read_rows(source: str, split: str) -> Rows:
         fmt = "parquet" if source.endswith(".parquet") else "csv" if source.endswith(".csv") else None
         if fmt is None:
             raise AlignError(f"{source}: unknown data format (use .jsonl, .json, .parquet or .csv)")
+        if fmt == "csv":
+            read_text(source)  # undecodable bytes: an error with line and column, not deep in the CSV reader
         import datasets
 
         try:
@@ -107,14 +109,31 @@ def _read_rows(source: str, split: str) -> Rows:
     return Rows(rows, source, list(range(1, len(rows) + 1)))
 
 
+def read_text(path: str) -> str:
+    """The UTF-8 text of a file (a leading byte-order mark dropped). Bytes that are not UTF-8 are an error naming
+    the line and column (1-based, in characters) of the first one; so is a file that cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise AlignError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[start:e.start].decode("utf-8")) + 1
+        raise AlignError(f"{path}: line {line}, column {column}: byte 0x{raw[e.start]:02x} is not UTF-8 (save the "
+                         f"file as UTF-8)") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def _read_jsonl(path: str) -> Rows:
-    with open(path, encoding="utf-8") as fh:
-        return _read_jsonl_text(path, fh.read())
+    return _read_jsonl_text(path, read_text(path))
 
 
 def _read_json(path: str) -> Rows:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -168,16 +187,46 @@ def require_text(data: Rows, i: int, field: str, allow_chat: bool = False) -> An
     if allow_chat and is_chat(value):
         if not value:
             raise AlignError(f"{data.where(i, field)}: empty message list")
-        for m in value:
-            if not isinstance(m["content"], str) or not m["content"].strip():
-                raise AlignError(f"{data.where(i, field)}: a message has empty content")
+        for k, m in enumerate(value, start=1):
+            if not isinstance(m["content"], str):
+                raise AlignError(f"{data.where(i, field)}: message {k}: content is a {json_kind(m['content'])}, "
+                                 f"expected a string")
+            if not m["content"].strip():
+                raise AlignError(f"{data.where(i, field)}: message {k}: empty content")
+            if not isinstance(m["role"], str):
+                raise AlignError(f"{data.where(i, field)}: message {k}: role is a {json_kind(m['role'])}, "
+                                 f"expected a string")
         return value
     if not isinstance(value, str):
         kind = "string or chat message list" if allow_chat else "string"
-        raise AlignError(f"{data.where(i, field)}: expected a {kind}, got {type(value).__name__}")
+        raise AlignError(f"{data.where(i, field)}: expected a {kind}, got {json_kind(value)} "
+                         f"{short_repr(value)}")
     if not value.strip():
         raise AlignError(f"{data.where(i, field)}: empty value")
     return value
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a value's type, as the user wrote it in the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def short_repr(value: Any, width: int = 40) -> str:
+    """repr(value), cut to `width` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def detect_format(data: Rows, candidates: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
@@ -306,6 +355,23 @@ def tokenize_sft(data: Rows, tokenizer, max_length: int, completion_only: bool =
 # collation
 
 
+def pack_rows(lengths: Sequence[int], max_length: int) -> tuple[list[list[int]], int]:
+    """First-fit-decreasing packing of sequences of `lengths` into rows of at most `max_length` tokens: (the
+    indices in each row, the width of the longest row)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if free >= lengths[i]:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+    return rows, max(max_length - free for free in room)
+
+
 def pack_examples(examples: Sequence[SFTExample], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pack sequences into as few rows of at most `max_length` tokens as first-fit-decreasing finds.
 
@@ -313,20 +379,7 @@ def pack_examples(examples: Sequence[SFTExample], max_length: int, pad_id: int) 
     position_ids (restarting at 0 for every sequence), all (rows, L). No attention mask is returned: models in
     transformers then build a block-diagonal causal mask from the position ids, so sequences never attend to
     each other. Row padding sits at the end of rows, after every real token, with its own positions."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = len(examples[i].input_ids)
-        for r, free in enumerate(room):
-            if free >= n:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(max_length - n)
-    width = max(max_length - free for free in room)
+    rows, width = pack_rows([len(ex.input_ids) for ex in examples], max_length)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

@@ -14,13 +14,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import _f
+from .config import Checked, _f
 from .data import Rows, batched, encode_prompt, left_pad, prompt_columns, read_rows, write_atomic
 from .rewards import load_function, score_completions, source_name
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Generate completions for the prompts of `data` and score them."""
 
     model: str = _f("", "Model directory or hub id (a policy saved by any stage).")
@@ -33,15 +33,15 @@ class EvalConfig:
                                              "module:function.")
     reward_weights: list = _f([], "Weights of reward_funcs (default: 1 each).")
     output: str = _f("", "Optional JSON file for the results (written atomically).")
-    max_new_tokens: int = _f(16, "Maximum generated tokens per prompt.")
+    max_new_tokens: int = _f(16, "Maximum generated tokens per prompt.", ge=1)
     do_sample: bool = _f(False, "Sample instead of greedy decoding.")
-    temperature: float = _f(1.0, "Sampling temperature (with do_sample).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold (with do_sample).")
-    top_k: int = _f(0, "Top-k sampling (0: off; with do_sample).")
-    batch_size: int = _f(64, "Prompts per generation batch.")
-    max_samples: int = _f(0, "Evaluate only the first N prompts (0: all).")
-    seed: int = _f(0, "Seed for sampling.")
-    dtype: str = _f("auto", "auto, float32, bfloat16 or float16.")
+    temperature: float = _f(1.0, "Sampling temperature (with do_sample).", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling threshold (with do_sample).", gt=0, le=1)
+    top_k: int = _f(0, "Top-k sampling (0: off; with do_sample).", ge=0)
+    batch_size: int = _f(64, "Prompts per generation batch.", ge=1)
+    max_samples: int = _f(0, "Evaluate only the first N prompts (0: all).", ge=0)
+    seed: int = _f(0, "Seed for sampling.", ge=0)
+    dtype: str = _f("auto", "auto, float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = _f(False, "Allow model code from the hub to run.")
     save_completions: bool = _f(False, "Include every prompt, completion and reward in the output JSON.")
 
@@ -79,6 +79,9 @@ def evaluate_model(model, tokenizer, data: Rows, reward_funcs: Sequence[str], ma
     """Generate and score; returns reward_mean, one `reward_<name>` mean per source, and the raw lists."""
     n = len(data) if not max_samples else min(max_samples, len(data))
     prompts, cols = prompt_columns(data, n)
+    from .rewards import check_reward_columns  # before generating: a missing or mistyped column, named
+
+    check_reward_columns(reward_funcs, data, n)
     t0 = time.perf_counter()
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, **gen_kwargs)
     rewards, comps = score_completions({name: load_function(name) for name in reward_funcs}, prompts,

@@ -30,8 +30,8 @@ from torch import nn
 
 from .config import AlignError
 from .data import position_ids_from_mask
-from .models import (_first_line, _has_safetensors, _is_adapter_dir, apply_lora, check_model_path, make_trainable,
-                     unwrap_peft)
+from .models import (_has_safetensors, _is_adapter_dir, _load_failure, _record_source, adapter_base, apply_lora,
+                     check_model_path, inner_model, make_trainable, unwrap_peft)
 
 SCORE_MODULE = "score"
 
@@ -113,10 +113,9 @@ def scores_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def supports_segment_mask(model: nn.Module) -> bool:
-    """Whether the model's attention accepts a custom 4-D mask (sdpa and eager do; flash-attention does not)."""
-    backbone, _ = scalar_parts(model)
-    impl = getattr(backbone.config, "_attn_implementation", None)
-    return impl in (None, "sdpa", "eager")
+    """Whether the model's attention (a scalar-head model or a causal LM, in any wrapper) accepts a custom 4-D
+    mask (sdpa and eager do; flash-attention does not)."""
+    return getattr(inner_model(model).config, "_attn_implementation", None) in (None, "sdpa", "eager")
 
 
 def segment_attention_mask(segments: torch.Tensor, model: nn.Module, dtype: torch.dtype | None = None
@@ -134,9 +133,9 @@ def segment_attention_mask(segments: torch.Tensor, model: nn.Module, dtype: torc
     allowed = causal & (kj >= 0) & ((kj == 0) | (kj == qi)) & (qi >= 0)
     allowed = allowed | torch.eye(t, dtype=torch.bool, device=segments.device)
     allowed = allowed.unsqueeze(1)
-    backbone, _ = scalar_parts(model)
-    if getattr(backbone.config, "_attn_implementation", None) == "eager":
-        dtype = dtype or next(backbone.parameters()).dtype
+    inner = inner_model(model)  # a scalar-head model or a causal LM
+    if getattr(inner.config, "_attn_implementation", None) == "eager":
+        dtype = dtype or next(inner.parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
     return allowed
@@ -191,7 +190,7 @@ def _check_single_label(model, path: str) -> None:
 
 def load_scalar_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                       device: torch.device | str | None = None, seed: int = 0, pad_token_id: int | None = None,
-                      merge_adapter: bool = True):
+                      merge_adapter: bool = True, require_head: bool = False):
     """An ``AutoModelForSequenceClassification`` with one label from any of:
 
     * a saved scalar model (``*ForSequenceClassification`` checkpoint): loaded as is, head included;
@@ -200,7 +199,9 @@ def load_scalar_model(path: str, dtype: torch.dtype = torch.float32, trust_remot
     * a causal LM (hub id, directory, or LoRA adapter of one, merged): backbone kept, new ``score`` head
       initialised from ``seed`` (see :func:`init_score_head`).
 
-    ``pad_token_id`` (the tokenizer's), when given, is written into the config."""
+    ``pad_token_id`` (the tokenizer's), when given, is written into the config. ``require_head``: a model without a
+    trained score head (a causal LM) is an error instead of getting a new head: a reward model used to score
+    must have learned its head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_model_path(path)
@@ -208,12 +209,16 @@ def load_scalar_model(path: str, dtype: torch.dtype = torch.float32, trust_remot
     try:
         with _quiet_loading():
             if _is_adapter_dir(path) and _adapter_task_type(path) == "SEQ_CLS":
-                from peft import AutoPeftModelForSequenceClassification
+                from peft import PeftModel
 
-                model = AutoPeftModelForSequenceClassification.from_pretrained(
-                    path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+                # its base, loaded the same way (it may be a causal-LM adapter: the SFT output of a LoRA run);
+                # the adapter restores the trained score head
+                base = load_scalar_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                                         seed=seed)
+                model = PeftModel.from_pretrained(base, path)
                 if merge_adapter:
                     model = model.merge_and_unload()
+                    _record_source(model, path)
             elif _is_adapter_dir(path):
                 from .models import load_causal_lm
 
@@ -239,8 +244,12 @@ def load_scalar_model(path: str, dtype: torch.dtype = torch.float32, trust_remot
     except AlignError:
         raise
     except Exception as e:
-        raise AlignError(f"{path}: cannot load as a reward/value model: {_first_line(e)}") from None
+        raise _load_failure(path, "as a reward/value model", e) from None
     _check_single_label(model, path)
+    if new_head and require_head:
+        raise AlignError(f"{path}: not a reward model: it has no trained score head (it is a causal language model, "
+                         f"and scoring with it would use a random head); train one with `align rm --model {path}` "
+                         f"and give that run's output_dir")
     if new_head:
         init_score_head(model, seed)
     if pad_token_id is not None:

@@ -44,33 +44,92 @@ def frozen_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return torch.bfloat16 if mp == "bf16" else w
 
 
+def _offline() -> bool:
+    """Whether the Hugging Face libraries are told not to use the network (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    flags = [os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", "")]
+    if any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model id has a config.json or adapter_config.json in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return True
+    for name in ("config.json", "adapter_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, name), str):
+                return True
+        except Exception:  # an id the hub would reject
+            return False
+    return False
+
+
 def check_model_path(path: str, what: str = "model") -> None:
-    """Fail early, in one line, when `path` is neither a model directory nor a plausible hub id."""
+    """Fail early, in one line that says what to do, when `path` is neither a model directory nor a hub id that
+    can be loaded (offline: one in the local cache)."""
     if not path:
         raise AlignError(f"no {what} given")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
                 os.path.join(path, "adapter_config.json")):
-            raise AlignError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+            hint = "give a folder written by save_pretrained (or by an align stage), or a hub id"
+            if os.path.isfile(os.path.join(path, "trainer_state.json")):
+                hint = ("it is a training checkpoint: give the run's output_dir once the run has finished (continue "
+                        "it with --resume_from_checkpoint)")
+            elif os.path.isdir(os.path.join(path, "checkpoints")):
+                hint = ("it holds checkpoints but no final model: its run did not finish (continue it with "
+                        "--resume_from_checkpoint latest)")
+            raise AlignError(f"{path}: not a model directory (no config.json or adapter_config.json); {hint}")
         return
     if os.path.exists(path):
         raise AlignError(f"{path}: is a file, not a model directory or hub id")
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise AlignError(f"{path}: model directory not found")
+    if _offline() and not _in_hub_cache(path):
+        raise AlignError(f"{path}: no such local directory, and not in the Hugging Face cache while offline "
+                         f"(HF_HUB_OFFLINE=1); download it once with network access (`hf download {path}`) "
+                         f"or give a local model directory")
+
+
+def _load_failure(path: str, what: str, e: BaseException) -> AlignError:
+    """One line for a failed from_pretrained: what went wrong and what to do."""
+    name = type(e).__name__
+    text = _first_line(e)
+    if name == "GatedRepoError" or "gated repo" in text.lower():
+        return AlignError(f"{path}: a gated model on the hub: accept its licence on huggingface.co and log in "
+                          f"(`hf auth login`)")
+    if name == "RepositoryNotFoundError" or "is not a local folder and is not a valid model identifier" in text:
+        return AlignError(f"{path}: no such local directory or hub model (a private one needs `hf auth login`)")
+    if "couldn't connect" in text.lower() or name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        return AlignError(f"{path}: cannot reach the Hugging Face hub and the model is not in the local cache; "
+                          f"check the network, download it first (`hf download {path}`), or give a local directory")
+    return AlignError(f"{path}: cannot load {what}: {text}")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """AutoTokenizer with a pad token (EOS when the tokenizer has none)."""
+    """AutoTokenizer with a pad token (EOS when the tokenizer has none). A tokenizer without an EOS token is an
+    error: completions could not end, and SFT examples would not teach the model to stop."""
     from transformers import AutoTokenizer
 
     check_model_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise AlignError(f"{path}: cannot load tokenizer: {_first_line(e)}") from None
+        raise _load_failure(path, "its tokenizer", e) from None
+    if tok.eos_token is None or tok.eos_token_id is None:
+        pad = "" if tok.pad_token is not None else " (nor a pad token)"
+        where = os.path.join(path, "tokenizer_config.json") if os.path.isdir(path) else "its tokenizer_config.json"
+        raise AlignError(f"{path}: the tokenizer has no EOS token{pad}; set \"eos_token\" in {where} to the token "
+                         f"that ends a text (e.g. \"</s>\" or \"<|endoftext|>\")")
     if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise AlignError(f"{path}: tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -84,27 +143,50 @@ def _is_adapter_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def adapter_base(path: str) -> str:
+    """The base model an adapter directory was trained on (``base_model_name_or_path`` of its config)."""
+    import json
+
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+        base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        raise AlignError(f"{path}/adapter_config.json: no base_model_name_or_path (the model the adapter is for)")
+    return str(base)
+
+
+def _record_source(model, path: str) -> None:
+    """Make `path` the model's recorded origin, so that an adapter trained on it (peft reads ``name_or_path``)
+    names `path` as its base: an adapter trained on a merged adapter then loads on that merged model, not on
+    the first base (which would silently drop the first adapter's update)."""
+    model.config._name_or_path = path
+    model.name_or_path = path
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                    device: torch.device | str | None = None, merge_adapter: bool = True):
     """AutoModelForCausalLM from a hub id or directory (safetensors only). A directory holding a LoRA adapter
-    is loaded on its base model and, by default, merged so that later stages see a plain model."""
+    is loaded on its base model (itself loaded the same way, so adapters trained on adapters stack) and, by
+    default, merged so that later stages see a plain model."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(path)
     try:
         if _is_adapter_dir(path):
-            from peft import AutoPeftModelForCausalLM
+            from peft import PeftModel
 
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            # the base may itself be an adapter (a LoRA stage trained on a LoRA stage's output): merged first
+            base = load_causal_lm(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(base, path)
             if merge_adapter:
                 model = model.merge_and_unload()
+                _record_source(model, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                          use_safetensors=_has_safetensors(path))
     except AlignError:
         raise
     except Exception as e:
-        raise AlignError(f"{path}: cannot load as a causal language model: {_first_line(e)}") from None
+        raise _load_failure(path, "as a causal language model", e) from None
     if device is not None:
         model.to(device)
     return model
@@ -157,6 +239,17 @@ def make_trainable(model, gradient_checkpointing: bool, lora=None):
 def unwrap_peft(model):
     """The transformers model under a peft wrapper (adapters stay injected), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside its wrappers: DDP/DeepSpeed ``.module``, align's SelectiveLM / ScalarModel
+    ``.model``, peft."""
+    while not hasattr(model, "config"):
+        inner = getattr(model, "module", None) or getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return unwrap_peft(model)
 
 
 def lm_parts(model) -> tuple[nn.Module, nn.Module]:

@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import AlignError, _f, build_config, read_yaml
+from .config import AlignError, Checked, _f, build_config, read_yaml
 from .stages import RL_STAGES, config_class, runner
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Checked):
     """Run SFT → RM → RL stages from their recipes, evaluate each model, and write a report."""
 
     output_dir: str = _f("runs/tiny", "Root directory: one sub-directory per stage, plus report.md/json and "
@@ -38,19 +38,19 @@ class PipelineConfig:
     sft: str = _f("recipes/tiny/sft.yaml", "SFT recipe (model and output_dir are set by the pipeline).")
     rm: str = _f("recipes/tiny/rm.yaml", "Reward-model recipe (trained from the SFT model); empty skips it.")
     rl_stages: list = _f(["ppo", "grpo"], "RL stages to run from the SFT model, each from its recipe: any of "
-                                          "ppo, grpo, trpo, reinforce.")
+                                          "ppo, grpo, trpo, reinforce.", choices=RL_STAGES)
     ppo: str = _f("recipes/tiny/ppo.yaml", "PPO recipe (its reward_model is set to the RM trained here).")
     grpo: str = _f("recipes/tiny/grpo.yaml", "GRPO recipe.")
     trpo: str = _f("recipes/tiny/trpo.yaml", "TRPO recipe.")
     reinforce: str = _f("recipes/tiny/reinforce.yaml", "REINFORCE recipe.")
     eval_data: str = _f("data/addition/eval.jsonl", "Held-out prompts with the columns the gold functions need.")
     eval_reward_funcs: list = _f(["exact_match"], "Gold reward functions; reward_mean of these is the accuracy.")
-    eval_max_new_tokens: int = _f(8, "Generation length for the gold evaluation.")
-    eval_max_samples: int = _f(0, "Evaluate on the first N held-out prompts only (0: all).")
+    eval_max_new_tokens: int = _f(8, "Generation length for the gold evaluation.", ge=1)
+    eval_max_samples: int = _f(0, "Evaluate on the first N held-out prompts only (0: all).", ge=0)
     overrides: dict = _f({}, "Per-stage field overrides, e.g. {sft: {max_steps: 3}, ppo: {max_steps: 2}}.")
     plot: bool = _f(True, "Write curves.png (needs matplotlib).")
     num_threads: int = _f(0, "CPU threads for torch in every stage and evaluation (0: torch's default; the "
-                             "tiny model runs fastest on 1).")
+                             "tiny model runs fastest on 1).", ge=0)
 
 
 def stage_config(stage: str, recipe: str, links: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -86,9 +86,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    for s in cfg.rl_stages:
-        if s not in RL_STAGES:
-            raise AlignError(f"rl_stages: unknown stage '{s}' (choose from {', '.join(RL_STAGES)})")
     unknown = set(cfg.overrides) - {"sft", "rm", *RL_STAGES}
     if unknown:
         raise AlignError(f"overrides: unknown stage '{sorted(unknown)[0]}'")

@@ -8,12 +8,23 @@ one value per completion) and returns one float per completion:
 Sources are named in configs (`reward_funcs`): a built-in name (see `BUILTIN`), `path/to/file.py:function`,
 or `package.module:function`. A reward-model directory is a source too (handled by the RL stages, which load it
 once). `combine` weights them (`reward_weights`) and keeps each component for logging.
+
+The columns a function needs (:func:`required_columns`) are checked against the prompt data before the first
+step (:func:`check_reward_columns`): its parameters without a default other than `prompts` and `completions`
+(``def f(prompts, completions, answer, **kw)`` needs `answer`), plus those it declares in a
+``required_columns`` attribute, a list of names or a dict from name to the accepted value types (the built-ins
+`exact_match` and `number_match` declare ``{"answer": (str, int)}``). Every row must have each such column,
+with a value that is not null and, when types are declared, of one of those types.
+
+What a function returns is checked at every call (:func:`call_reward`): one finite number per completion; a
+failure names the function and the first offending prompt and completion.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -57,6 +68,10 @@ def length_penalty(prompts: Sequence[Any], completions: Sequence[str], **_: Any)
     return [-len(str(c)) / 100.0 for c in completions]
 
 
+# the built-ins' columns: the answer as text or a JSON integer (a float such as 5.0, a list or null would be
+# compared as its Python text and silently never match)
+exact_match.required_columns = number_match.required_columns = {"answer": (str, int)}
+
 BUILTIN: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "number_match": number_match,
@@ -91,31 +106,145 @@ def load_function(spec: str) -> RewardFn:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise AlignError(f"reward '{spec}': {target} has no function {name}")
+    _check_signature(spec, fn)
     return fn
+
+
+def _parameters(fn: Any) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to check
+        return None
+
+
+def _check_signature(spec: str, fn: Any) -> None:
+    """A reward function is called with the keywords prompts=, completions= and one per data column: one that
+    cannot take them is an error now, not at the first step."""
+    params = _parameters(fn)
+    if params is None:
+        return
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    missing = [k for k in ("prompts", "completions") if k not in names]
+    if missing and not takes_any:
+        raise AlignError(f"reward '{spec}': the function must take the keyword arguments prompts and completions "
+                         f"(def {getattr(fn, '__name__', 'f')}(prompts, completions, **columns)); it has no "
+                         f"{' or '.join(missing)}")
+
+
+def required_columns(fn: Any) -> dict[str, tuple[type, ...] | None]:
+    """The prompt-data columns `fn` needs: name -> accepted value types (None: any value but null). Its parameters
+    without a default besides prompts and completions, plus its ``required_columns`` attribute."""
+    out: dict[str, tuple[type, ...] | None] = {}
+    for p in _parameters(fn) or []:
+        if (p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+                and p.name not in ("prompts", "completions")):
+            out[p.name] = None
+    declared = getattr(fn, "required_columns", None) or {}
+    if isinstance(declared, str):
+        declared = [declared]
+    if not isinstance(declared, dict):
+        declared = {name: None for name in declared}
+    for name, types in declared.items():
+        if types is not None and not isinstance(types, tuple):
+            types = (types,)
+        out[str(name)] = types
+    return out
+
+
+_TYPE_WORDS = {str: "text", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               dict: "an object"}
+
+
+def check_reward_columns(specs: Sequence[str], data: Any, n: int | None = None) -> None:
+    """One line naming the reward function, the file, the row and the field when the first `n` rows of `data`
+    (a :class:`align.data.Rows`, all rows by default) lack a column a reward function in `specs` needs, or hold
+    null or a value of a type it does not accept there."""
+    from .data import json_kind, short_repr
+
+    n = len(data) if n is None else min(n, len(data))
+    for spec in specs:
+        name = source_name(spec)
+        for col, types in required_columns(load_function(spec)).items():
+            shown = data.renamed.get(col, col)
+            for i in range(n):
+                row = data.rows[i]
+                if col not in row:
+                    have = ", ".join(data.renamed.get(k, k) for k in row) or "none"
+                    raise AlignError(f"{data.where(i)}: no column '{shown}', which reward '{name}' needs (columns: "
+                                     f"{have}; map another column to it with column_map: {{{col}: NAME}})")
+                value = row[col]
+                bad = value is None or (types is not None and (not isinstance(value, types) or (
+                    isinstance(value, bool) and bool not in types)))
+                if bad:
+                    want = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types) if types else "a value"
+                    raise AlignError(f"{data.where(i, col)}: reward '{name}' needs {want}, got {json_kind(value)} "
+                                     f"{short_repr(value)}")
+
+
+def _show(value: Any, width: int = 80) -> str:
+    from .data import short_repr
+
+    return short_repr(value, width)
+
+
+def _at(prompts: Sequence[Any], completions: Sequence[Any], i: int) -> str:
+    """'prompt ..., completion ...' of item i, shortened for a one-line message."""
+    return f"prompt {_show(prompts[i])}, completion {_show(completions[i])}"
+
+
+def _first_failing(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any],
+                   columns: dict[str, Sequence[Any]], limit: int = 64) -> int | None:
+    """The first item that makes `fn` raise when called on it alone (None when none of the first `limit` does,
+    e.g. a failure that needs the whole batch)."""
+    for i in range(min(len(prompts), limit)):
+        try:
+            fn(prompts=[prompts[i]], completions=[completions[i]], **{k: [v[i]] for k, v in columns.items()})
+        except Exception:
+            return i
+    return None
 
 
 def call_reward(name: str, fn: RewardFn, prompts: Sequence[Any], completions: Sequence[str],
                 columns: dict[str, Sequence[Any]]) -> list[float]:
-    """Call one reward function and check its output; a failure is reported with the input that caused it."""
+    """Call one reward function and check its output: one finite number per completion. A failure (it raises,
+    returns the wrong number of values, a non-number, NaN or infinity) is one line naming the function and the
+    first offending prompt and completion."""
+    prompts, completions = list(prompts), list(completions)
     try:
-        values = fn(prompts=list(prompts), completions=list(completions), **columns)
+        values = fn(prompts=prompts, completions=completions, **columns)
     except AlignError:
         raise
     except Exception as e:
-        sample = f"prompt={prompts[0]!r}, completion={completions[0]!r}" if len(prompts) else "empty batch"
-        raise AlignError(f"reward '{name}' failed: {type(e).__name__}: {e} (first input: {sample})") from None
+        msg = str(e).strip().splitlines()
+        what = f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+        i = _first_failing(fn, prompts, completions, columns)
+        where = f"at {_at(prompts, completions, i)}" if i is not None else \
+            f"on a batch of {len(prompts)} (first: {_at(prompts, completions, 0)})" if prompts else "on an empty batch"
+        raise AlignError(f"reward '{name}' failed {where}: {what}") from None
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
+        first = f" (first: {_at(prompts, completions, 0)})" if prompts else ""
+        raise AlignError(f"reward '{name}' returned a {type(values).__name__}, not a list of one number per "
+                         f"completion{first}")
     values = list(values)
     if len(values) != len(completions):
-        raise AlignError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
+        if len(values) < len(completions):
+            detail = f"none for {_at(prompts, completions, len(values))}"
+        else:
+            detail = f"first: {_at(prompts, completions, 0)}"
+        raise AlignError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions "
+                         f"({detail})")
     out = []
     for i, v in enumerate(values):
         try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
             f = float(v)
-        except (TypeError, ValueError):
-            raise AlignError(f"reward '{name}' returned {v!r} for completion {completions[i]!r}") from None
+        except Exception:  # TypeError, ValueError, a tensor or array of several elements, ...
+            raise AlignError(f"reward '{name}' returned {_show(v, 40)}, not a number, for "
+                             f"{_at(prompts, completions, i)}") from None
         if not math.isfinite(f):
-            raise AlignError(f"reward '{name}' returned {f} for prompt {prompts[i]!r}, "
-                             f"completion {completions[i]!r}")
+            raise AlignError(f"reward '{name}' returned {f} for {_at(prompts, completions, i)}")
         out.append(f)
     return out
 

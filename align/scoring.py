@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import AlignError, _f
+from .config import AlignError, Checked, _f
 from .data import (Rows, batched, encode_completion, encode_prompt, is_chat, left_pad, read_rows, require_text,
-                   write_atomic)
+                   short_repr, write_atomic)
 from .heads import load_scalar_model, sequence_scores
 from .models import default_device, frozen_dtype, load_tokenizer
 
@@ -50,7 +50,7 @@ class RewardModelScorer:
             dtype = frozen_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         self.model = load_scalar_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device,
-                                       pad_token_id=self.tokenizer.pad_token_id)
+                                       pad_token_id=self.tokenizer.pad_token_id, require_head=True)
         self.model.eval().requires_grad_(False)
         self.batch_size = max(1, int(batch_size))
         self.max_length = int(max_length)
@@ -123,8 +123,16 @@ class RewardModelScorer:
                                for p, c in zip(prompts, comps)])
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
-        """The reward-function protocol: one float per (raw prompt, decoded completion); other columns ignored."""
-        return self.score_texts(prompts, completions).tolist()
+        """The reward-function protocol: one float per (raw prompt, decoded completion); other columns ignored.
+        A non-finite score is an error naming the reward model and the first prompt and completion that got
+        one."""
+        scores = self.score_texts(prompts, completions).tolist()
+        bad = next((i for i, r in enumerate(scores) if not math.isfinite(r)), None)
+        if bad is not None:
+            raise AlignError(f"reward model {self.path}: score {scores[bad]} for prompt "
+                             f"{short_repr(prompts[bad], 80)}, completion {short_repr(completions[bad], 80)} (check its weights, or its dtype: "
+                             f"float16 overflows easily)")
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +140,7 @@ class RewardModelScorer:
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(Checked):
     """Add reward columns to a data file with a reward model."""
 
     reward_model: str = _f("", "Reward-model directory (saved by `align rm`) or hub id.")
@@ -144,8 +152,8 @@ class ScoreConfig:
                          "{prompt: question, answer: final_answer} for a hub data set with other names.")
     output: str = _f("", "Output JSON-lines file (written atomically); default: DATA with .scored.jsonl.")
     reward_column: str = _f("reward", "Name of the added column (suffixed _chosen/_rejected, or 's' for lists).")
-    batch_size: int = _f(32, "Sequences per forward pass.")
-    max_length: int = _f(0, "If > 0, score only the last max_length tokens of longer sequences.")
+    batch_size: int = _f(32, "Sequences per forward pass.", ge=1)
+    max_length: int = _f(0, "If > 0, score only the last max_length tokens of longer sequences.", ge=0)
     dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on capable GPUs), float32, bfloat16 or float16.",
                     choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("", "Device (cpu, cuda, cuda:1); default: a GPU when there is one.")
@@ -218,7 +226,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     rewards = scorer.score_ids([ids for *_, ids in items]).tolist()
     bad = next((n for n, r in enumerate(rewards) if not math.isfinite(r)), None)
     if bad is not None:
-        raise AlignError(f"{data.where(items[bad][0])}: reward is {rewards[bad]} (non-finite); nothing written")
+        raise AlignError(f"{data.where(items[bad][0])}: reward model {cfg.reward_model} scores it "
+                         f"{rewards[bad]} (non-finite); nothing written")
     rows = [dict(r) for r in data.rows]
     for (i, c, k, _), r in zip(items, rewards):
         if k is None:

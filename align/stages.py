@@ -37,6 +37,8 @@ STAGES: dict[str, Stage] = {
                   "generate for a prompt file and score with reward functions"),
     "score": Stage("align.scoring:ScoreConfig", "align.scoring:run_score",
                    "add a reward column to a data file with a reward model"),
+    "export": Stage("align.export:ExportConfig", "align.export:run_export",
+                    "merge a LoRA adapter into its base and save a full model (optionally push it to the hub)"),
     "pipeline": Stage("align.pipeline:PipelineConfig", "align.pipeline:run_pipeline",
                       "SFT -> RM -> PPO/GRPO on recipes, evaluated, with report.md and curves.png"),
     "tiny-model": Stage("align.tiny:TinyModelConfig", "align.tiny:run_tiny_model",

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import os
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .config import Checked, _f
 
 __all__ = [
     "ARCHS",
@@ -222,23 +224,19 @@ def save_tiny_model(output_dir: str | os.PathLike, arch: str = "llama", **model_
     return path
 
 
-def _help(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
-class TinyModelConfig:
+class TinyModelConfig(Checked):
     """`align tiny-model`: build the built-in tiny model and its tokenizer offline and save them."""
 
-    output_dir: str = _help("", "Folder to save the model and tokenizer into (save_pretrained, safetensors).")
-    arch: str = _help(DEFAULT_TINY["arch"], f"Architecture: one of {', '.join(ARCHS)}.", choices=ARCHS)
-    hidden_size: int = _help(DEFAULT_TINY["hidden_size"], "Width of the residual stream (n_embd for gpt2).")
-    num_layers: int = _help(DEFAULT_TINY["num_layers"], "Number of transformer blocks.")
-    num_heads: int = _help(DEFAULT_TINY["num_heads"], "Attention heads; must divide hidden_size.")
-    intermediate_size: int = _help(DEFAULT_TINY["intermediate_size"], "MLP width; 0 means 4 * hidden_size.")
-    max_position_embeddings: int = _help(DEFAULT_TINY["max_position_embeddings"],
-                                         "Longest sequence the model is configured for.")
-    seed: int = _help(0, "Seed of the random initialisation.")
+    output_dir: str = _f("", "Folder to save the model and tokenizer into (save_pretrained, safetensors).")
+    arch: str = _f(DEFAULT_TINY["arch"], f"Architecture: one of {', '.join(ARCHS)}.", choices=ARCHS)
+    hidden_size: int = _f(DEFAULT_TINY["hidden_size"], "Width of the residual stream (n_embd for gpt2).", ge=1)
+    num_layers: int = _f(DEFAULT_TINY["num_layers"], "Number of transformer blocks.", ge=1)
+    num_heads: int = _f(DEFAULT_TINY["num_heads"], "Attention heads; must divide hidden_size.", ge=1)
+    intermediate_size: int = _f(DEFAULT_TINY["intermediate_size"], "MLP width; 0 means 4 * hidden_size.", ge=0)
+    max_position_embeddings: int = _f(DEFAULT_TINY["max_position_embeddings"],
+                                         "Longest sequence the model is configured for.", ge=1)
+    seed: int = _f(0, "Seed of the random initialisation.", ge=0)
 
 
 def run_tiny_model(cfg: TinyModelConfig) -> dict[str, Any]:

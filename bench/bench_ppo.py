@@ -66,11 +66,22 @@ def make_inputs(root: str, args, n_prompts: int = 0) -> tuple[str, str]:
     return model, path
 
 
+def make_reward_model(model: str, out: str) -> str:
+    """A reward model saved from the random causal LM: its backbone and a new score head (seed 0), the same head
+    the bare loop's and TRL's AutoModelForSequenceClassification get. Only the costs matter here."""
+    from align.heads import load_scalar_model
+    from align.models import load_tokenizer
+
+    load_scalar_model(model, seed=0).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(model).save_pretrained(out)
+    return out
+
+
 def bench_ours(model: str, data: str, out: str, args) -> dict[str, float]:
     from align.config import PPOConfig
     from align.trainers.ppo import train_ppo
 
-    cfg = PPOConfig(model=model, train_data=data, output_dir=out, reward_model=model,
+    cfg = PPOConfig(model=model, train_data=data, output_dir=out, reward_model=make_reward_model(model, out + "-rm"),
                     per_device_train_batch_size=args.batch, max_new_tokens=args.new_tokens,
                     num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches, max_steps=args.steps + 1,
                     temperature=args.temperature, learning_rate=1e-5, logging_steps=1, disable_tqdm=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,16 +34,26 @@ from align.tiny import save_tiny_model  # noqa: E402
 from align.trainers.sft import train_sft  # noqa: E402
 
 
-def make_data(path: str, n: int, seed: int = 0) -> str:
+def make_data(path: str, n: int, seed: int = 0, shape: str = "steps") -> str:
+    """n prompt/completion rows of the addition task. shape: "steps" (~70 tokens: a worked answer, so the loss
+    covers a realistic share of tokens), "short" (~10 tokens: the bare answer), "mixed" (20 to 400 tokens,
+    uniformly: a worked answer followed by a random-length remark)."""
     import random
+    import string
 
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for _ in range(n):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
-            # a prompt/completion pair with a longer completion, so the loss covers a realistic share of tokens
-            steps = f"{a} plus {b}: ones {a % 10}+{b % 10}, tens {a // 10}+{b // 10}. The answer is {a + b}."
-            fh.write(json.dumps({"prompt": f"What is {a}+{b}? Explain.", "completion": steps}) + "\n")
+            if shape == "short":
+                row = {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+            else:
+                steps = f"{a} plus {b}: ones {a % 10}+{b % 10}, tens {a // 10}+{b // 10}. The answer is {a + b}."
+                row = {"prompt": f"What is {a}+{b}? Explain.", "completion": steps}
+                if shape == "mixed":  # the char-level tokenizer: one token per character
+                    extra = max(0, rng.randint(20, 400) - len(row["prompt"]) - len(steps) - 2)
+                    row["completion"] += " " + "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(extra))
+            fh.write(json.dumps(row) + "\n")
     return path
 
 
@@ -136,7 +147,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--examples", type=int, default=2048)
     ap.add_argument("--max_length", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate ours/bare this many times, keep the best")
+    ap.add_argument("--repeats", type=int, default=3, help="alternate ours/bare this many times; the median is "
+                                                          "reported")
+    ap.add_argument("--shape", default="steps", choices=("steps", "short", "mixed"),
+                    help="example lengths: ~70 tokens, ~10 tokens, or 20-400 tokens (see make_data)")
     ap.add_argument("--trl_python", default="", help="python of a venv with trl==1.16.0")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,7 +158,7 @@ def main() -> None:
     model_dir = save_tiny_model(os.path.join(work, "model"), arch="llama", hidden_size=args.hidden,
                                 num_layers=args.layers, num_heads=max(4, args.hidden // 64),
                                 intermediate_size=4 * args.hidden, max_position_embeddings=args.max_length)
-    data = make_data(os.path.join(work, "sft.jsonl"), args.examples)
+    data = make_data(os.path.join(work, "sft.jsonl"), args.examples, shape=args.shape)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -157,13 +171,14 @@ def main() -> None:
         t_ours.append(ours(model_dir, data, args.steps, args.batch, lr, 0, args.warmup, args.max_length,
                            os.path.join(work, f"ours{r}")))
         t_bare.append(bare_loop(model_dir, examples, args.steps, args.batch, lr, 0, args.warmup))
-    ours_s, bare_s = min(t_ours), min(t_bare)
+    ours_s, bare_s = statistics.median(t_ours), statistics.median(t_bare)
     trl_s = None
     if args.trl_python:
         trl_s = trl_time(args.trl_python, model_dir, data, args.steps, args.batch, lr, args.warmup,
                          args.max_length, os.path.join(work, "trl"))
-    print(f"\nSFT throughput: llama hidden={args.hidden} layers={args.layers}, batch={args.batch}, "
-          f"{tokens_per_step:.0f} real tokens/step, {args.steps} timed steps, torch threads={torch.get_num_threads()}")
+    print(f"\nSFT throughput ({args.shape} examples): llama hidden={args.hidden} layers={args.layers}, "
+          f"batch={args.batch}, {tokens_per_step:.0f} real tokens/step, {args.steps} timed steps, torch "
+          f"threads={torch.get_num_threads()}; median of {args.repeats} interleaved runs")
     print(f"{'':<10}{'s/step':>10}{'tokens/s':>12}")
     rows = [("align", ours_s), ("bare", bare_s)] + ([("TRL", trl_s)] if trl_s else [])
     for name, s in rows:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_ppo import make_inputs  # noqa: E402
+from bench_ppo import make_inputs, make_reward_model  # noqa: E402
 
 VARIANTS = {  # name -> TRPO settings
     "kl_hessian, cg 10": {"fisher_product": "kl_hessian", "cg_iters": 10},
@@ -38,7 +38,7 @@ VARIANTS = {  # name -> TRPO settings
 
 
 def _common(model: str, data: str, out: str, args) -> dict:
-    return dict(model=model, train_data=data, output_dir=out, reward_model=model,
+    return dict(model=model, train_data=data, output_dir=out, reward_model=make_reward_model(model, out + "-rm"),
                 per_device_train_batch_size=args.batch, max_new_tokens=args.new_tokens, max_steps=args.steps + 1,
                 logging_steps=1, disable_tqdm=True, max_length=128, beta=0.0, seed=args.seed)
 

@@ -54,6 +54,20 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model as a reward model: its backbone and a score head initialised from seed 0, saved with
+    save_pretrained (a plain causal LM is refused as a reward_model: it has no trained head)."""
+    from transformers import AutoTokenizer
+
+    from align.heads import load_scalar_model
+
+    path = tmp_path_factory.mktemp("tiny_rm") / "rm"
+    load_scalar_model(tiny_model_dir, seed=0).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def sft_file(tmp_path_factory) -> str:
     return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", addition_rows(64, seed=1))
 

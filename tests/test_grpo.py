@@ -303,8 +303,8 @@ def test_the_stage_prefills_each_prompt_once_and_matches_repeated_prompts(tiny_m
     torch.testing.assert_close(s1.logprobs, s2.logprobs, atol=2e-5, rtol=0)
 
 
-def test_iterative_grpo_with_reward_model_replay_resumes_exactly(tiny_model_dir, files, tmp_path):
-    common = ("--max_steps", "4", "--save_steps", "3", "--reward_model", tiny_model_dir, "--reward_funcs",
+def test_iterative_grpo_with_reward_model_replay_resumes_exactly(tiny_model_dir, tiny_rm_dir, files, tmp_path):
+    common = ("--max_steps", "4", "--save_steps", "3", "--reward_model", tiny_rm_dir, "--reward_funcs",
               fn(files, "ordsum"), "--reward_weights", "1.0,0.5", "--gold_reward_funcs", "exact_match",
               "--beta", "0.05", "--ref_update_every", "2", "--rm_update", "true", "--rm_label_funcs",
               fn(files, "ordsum"), "--rm_replay_data", files["prefs"], "--rm_replay_ratio", "0.5",
@@ -340,7 +340,7 @@ def test_iterative_grpo_with_reward_model_replay_resumes_exactly(tiny_model_dir,
 @pytest.mark.parametrize("extra,message", [
     (["--per_device_train_batch_size", "6"], "per_device_train_batch_size=6 must be a multiple of "
                                              "num_generations=4"),
-    (["--num_generations", "1", "--per_device_train_batch_size", "4"], "num_generations must be >= 2"),
+    (["--num_generations", "1", "--per_device_train_batch_size", "4"], "field 'num_generations': 1 is not >= 2"),
     (["--advantage", "softmax", "--scale_rewards", "batch"], "scale_rewards=batch"),
     (["--ref_update_every", "2"], "ref_update_every needs beta > 0"),
     (["--rm_update", "true"], "rm_update needs reward_model"),

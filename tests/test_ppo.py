@@ -165,10 +165,10 @@ def test_garbage_after_eos_changes_nothing(tiny_model_dir):
 # end to end
 
 
-def test_ppo_runs_logs_and_saves(tiny_model_dir, prompts_file, tmp_path):
+def test_ppo_runs_logs_and_saves(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    out = ppo(tiny_model_dir, prompts_file, tmp_path / "o", "--max_steps", "3", "--reward_model", tiny_model_dir,
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / "o", "--max_steps", "3", "--reward_model", tiny_rm_dir,
               "--reward_funcs", "format_digits", "--reward_weights", "1.0,0.5", "--gold_reward_funcs",
               "exact_match", "--missing_eos_penalty", "1.0", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
               "--eval_data", prompts_file, "--eval_max_samples", "4")

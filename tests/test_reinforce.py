@@ -45,6 +45,12 @@ def test_every_psi_by_hand():
     torch.testing.assert_close(psi("reward_to_go"), RTG)
     torch.testing.assert_close(psi("td_residual"), TD)
     torch.testing.assert_close(psi("gae"), GAE)
+    # Q(s_t, a_t) = r_t + 0.5 V_{t+1} (= d_t + V_t), V = 0 after the last valid token:
+    #   row 0: 0 + .5 = .5, 1 + .5 = 1.5, 2 + 0 = 2     row 1: 3 + .5 = 3.5, 0 + 0 = 0
+    #   row 2: 0, 0, 4                                  row 3: 1 + 0 = 1
+    torch.testing.assert_close(psi("q_value"), torch.tensor([[0.5, 1.5, 2.0], [3.5, 0.0, 0.0], [0.0, 0.0, 4.0],
+                                                             [1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(psi("q_value"), (TD + VALUES) * MASK)
     # baseline = values per token: G_t - V_t on valid tokens
     torch.testing.assert_close(psi("reward_to_go_baseline", baseline=VALUES),
                                torch.tensor([[0.5, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 2.0, 4.0], [0.0, 0.0, 0.0]]))
@@ -57,6 +63,8 @@ def test_every_psi_by_hand():
                                torch.tensor([[-1.0, 0.0, 0.0], [1.0, -2.0, 0.0], [0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="needs critic values"):
         policy_gradient_psi("gae", REWARDS, MASK)
+    with pytest.raises(ValueError, match="needs critic values"):
+        policy_gradient_psi("q_value", REWARDS, MASK)
     with pytest.raises(ValueError, match="valid: return"):
         policy_gradient_psi("q", REWARDS, MASK)
 
@@ -71,6 +79,7 @@ def test_every_psi_by_hand():
      torch.tensor([[-1.0, 0.0, 0.0], [1.0, -2.0, 0.0], [0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]), None),
     ("reward_to_go_baseline", "value", RTG - VALUES * MASK, RTG),
     ("td_residual", "batch_mean", TD, RTG),
+    ("q_value", "batch_mean", (TD + VALUES) * MASK, RTG),
     # GAE's value targets are the lambda-returns A + V (PPO's); the others regress on rewards-to-go
     ("gae", "batch_mean", GAE, (GAE + VALUES) * MASK),
 ])
@@ -158,13 +167,14 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, diversity_data, tmp_
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 0
 
 
-def test_reinforce_with_a_critic_runs_and_saves(tiny_model_dir, diversity_data, tmp_path):
+@pytest.mark.parametrize("psi", ["td_residual", "q_value"])
+def test_reinforce_with_a_critic_runs_and_saves(tiny_model_dir, diversity_data, tmp_path, psi):
     from transformers import AutoModelForSequenceClassification
 
     prompts, reward = diversity_data
     out = str(tmp_path / "critic")
     assert main(["reinforce", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
-                 "--max_steps", "2", "--reward_funcs", reward, "--psi", "td_residual", "--beta", "0",
+                 "--max_steps", "2", "--reward_funcs", reward, "--psi", psi, "--beta", "0",
                  "--gradient_accumulation_steps", "2", "--gold_reward_funcs", "exact_match", "--eval_data", prompts,
                  "--eval_max_samples", "4"]) == 0
     rows = read_metrics(out)
@@ -179,8 +189,8 @@ def test_reinforce_with_a_critic_runs_and_saves(tiny_model_dir, diversity_data, 
 
 @pytest.mark.parametrize("extra,message", [
     (["--baseline", "group_mean"], "needs num_generations >= 2"),
-    (["--psi", "q_value"], "is not one of"),
-    (["--num_generations", "0"], "num_generations must be >= 1"),
+    (["--psi", "q"], "is not one of"),
+    (["--num_generations", "0"], "field 'num_generations': 0 is not >= 1"),
 ])
 def test_bad_settings_fail_before_writing(tiny_model_dir, diversity_data, tmp_path, capsys, extra, message):
     prompts, reward = diversity_data

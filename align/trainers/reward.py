@@ -34,11 +34,12 @@ import sys
 import torch
 
 from ..comparisons import Comparison, ComparisonStats, batch_loss, collate, load_comparisons
-from ..config import AlignError, RMConfig
+from ..config import RMConfig
 from ..data import batched
 from ..heads import ScalarModel, load_trained_scalar_model, supports_segment_mask
 from ..models import load_tokenizer
-from .checkpoints import check_output_dir, save_final
+from .checkpoints import check_output_dir
+from .outputs import save_final
 from .loop import Run, resolve_max_steps, seed_everything
 
 
@@ -46,8 +47,6 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
     """Train a reward model as configured; returns the last logged metrics (plus ``skipped_rows``). Nothing is
     written before the model and every input row have been checked."""
     check_output_dir(cfg)
-    if cfg.center_rewards_coefficient < 0:
-        raise AlignError(f"center_rewards_coefficient must be >= 0, got {cfg.center_rewards_coefficient}")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     kw = dict(column_map=cfg.column_map, margin_column=cfg.margin_column, ranking_column=cfg.ranking_column,
               skip_bad=cfg.on_bad_pair == "skip")

@@ -28,6 +28,7 @@ from ..rollout import (Rollout, completion_logprobs, generate, group_completion_
                        make_rollout)
 from .critic import PolicyAndValue, policy_of, rollout_values, save_policy_and_critic, with_critic
 from .checkpoints import check_output_dir
+from .outputs import push_final
 from .loop import Run, resolve_max_steps, seed_everything
 
 Tensor = torch.Tensor
@@ -49,30 +50,18 @@ def check_rl_config(cfg) -> None:
             float(w)
         except (TypeError, ValueError):
             raise AlignError(f"reward_weights: {w!r} is not a number") from None
-    if cfg.max_new_tokens < 1:
-        raise AlignError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    if cfg.temperature <= 0:
-        raise AlignError(f"temperature must be > 0, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise AlignError(f"top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.beta < 0:
-        raise AlignError(f"beta must be >= 0, got {cfg.beta}")
     functions(list(cfg.reward_funcs) + list(cfg.gold_reward_funcs))  # bad specs fail here, with the spec named
 
 
 def check_pg_config(cfg) -> None:
     """check_rl_config plus the Ψ settings of the vanilla policy-gradient stages (REINFORCE, TRPO)."""
     check_rl_config(cfg)
-    if cfg.num_generations < 1:
-        raise AlignError(f"num_generations must be >= 1, got {cfg.num_generations}")
     if cfg.psi == "reward_to_go_baseline" and cfg.baseline == "group_mean" and cfg.num_generations < 2:
         raise AlignError("baseline=group_mean needs num_generations >= 2 (with one completion per prompt the "
                          "group mean is the completion's own return and Psi is 0)")
     if cfg.per_device_train_batch_size * cfg.num_generations < cfg.gradient_accumulation_steps:
         raise AlignError(f"{cfg.per_device_train_batch_size * cfg.num_generations} rollouts per process cannot "
                          f"fill gradient_accumulation_steps={cfg.gradient_accumulation_steps} micro-batches")
-    if not 0 <= cfg.lam <= 1 or not 0 <= cfg.gamma <= 1:
-        raise AlignError("gamma and lam must be in [0, 1]")
     if needs_values(cfg.psi, cfg.baseline) and cfg.value_model.endswith((".py", ".jsonl")):
         raise AlignError(f"value_model {cfg.value_model}: expected a model directory, hub id or 'policy'")
 
@@ -84,13 +73,17 @@ def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, 
     check_output_dir(cfg)
     check(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = load_prompt_data(read_rows(cfg.train_data, cfg.train_split, cfg.column_map), tokenizer,
-                            cfg.max_length, cfg.max_new_tokens)
+    rows = read_rows(cfg.train_data, cfg.train_split, cfg.column_map)
+    data = load_prompt_data(rows, tokenizer, cfg.max_length, cfg.max_new_tokens)
+    from ..rewards import check_reward_columns  # the columns each reward function needs, with file, row and field
+
+    check_reward_columns([*cfg.reward_funcs, *cfg.gold_reward_funcs, *getattr(cfg, "rm_label_funcs", [])], rows)
     eval_rows, eval_funcs = None, []
     if cfg.eval_data:
         eval_funcs = list(cfg.gold_reward_funcs or cfg.reward_funcs)
         eval_rows = read_rows(cfg.eval_data, cfg.eval_split, cfg.column_map)
         prompt_columns(eval_rows, len(eval_rows))
+        check_reward_columns(eval_funcs, eval_rows)
         if not eval_funcs:
             raise AlignError("eval_data is set but there is no reward function to score it with (set "
                              "gold_reward_funcs, e.g. exact_match)")
@@ -291,7 +284,8 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
                            cfg.per_device_eval_batch_size, cfg.eval_max_samples)
 
     metrics = run.train(step_fn, eval_fn if eval_rows is not None else None)
-    save_policy_and_critic(run, tokenizer)
+    save_policy_and_critic(run, tokenizer, push=False)
     if run.is_main:
         stage.finish(setup)
+    push_final(run)  # after the stage's own outputs (e.g. iterative GRPO's reward model) are written
     return metrics

@@ -334,21 +334,7 @@ class TRPOStep:
         return {"value_loss": losses[0], "value_loss_last": losses[-1]}
 
 
-def check_trpo_config(cfg: TRPOConfig) -> None:
-    check_pg_config(cfg)
-    if not cfg.max_kl > 0 or not math.isfinite(cfg.max_kl):
-        raise AlignError(f"max_kl must be a positive number, got {cfg.max_kl}")
-    if cfg.cg_iters < 1 or cfg.line_search_steps < 1 or cfg.vf_iters < 1:
-        raise AlignError("cg_iters, line_search_steps and vf_iters must be >= 1")
-    if not 0 < cfg.backtrack_ratio < 1:
-        raise AlignError(f"backtrack_ratio must be in (0, 1), got {cfg.backtrack_ratio}")
-    if not 0 < cfg.fisher_fraction <= 1:
-        raise AlignError(f"fisher_fraction must be in (0, 1], got {cfg.fisher_fraction}")
-    if cfg.cg_damping < 0 or cfg.accept_ratio < 0 or cfg.kl_tolerance < 0:
-        raise AlignError("cg_damping, accept_ratio and kl_tolerance must be >= 0")
-
-
-TRPO = RLStage("trpo", TRPOStep, check=check_trpo_config, module=pg_module)
+TRPO = RLStage("trpo", TRPOStep, check=check_pg_config, module=pg_module)
 
 
 def train_trpo(cfg: TRPOConfig) -> dict[str, float]:
