@@ -302,3 +302,161 @@ def batch_loss(model, batch: dict[str, Any], device, center_coef: float = 0.0
         stats = ComparisonStats(float(loss.detach()), float(len(rc)), float((rc > rw).sum()), float(rc.sum()),
                                 float((rc * rc).sum()), float(rw.sum()), float((rw * rw).sum()))
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log-probabilities of responses under a causal LM (the DPO family)
+
+
+def collate_logps(comps: Sequence[Comparison], pad_id: int, share_prompt: bool = False) -> dict[str, Any]:
+    """One batch for scoring every response's tokens under a causal LM, each next-token logit computed once:
+    the pair fields of :func:`collate` (better, worse, margins, pair_group, response_group, num_groups) and
+
+    * the layout: with ``share_prompt`` one row per comparison, its prompt once followed by all its responses
+      (input_ids, segments, position_ids (G, T), right-padded: see :func:`align.heads.segment_attention_mask`);
+      else one right-padded row per response (input_ids, attention_mask, position_ids (N, T)). A response's
+      last token is left out of the inputs: no token attends to it and its logits predict nothing;
+    * ``select`` (rows, T) bool: the S positions whose next-token logits are used. With a shared prompt its last
+      token predicts the first token of every response and is selected once;
+    * ``labels``, ``pred``, ``token_response`` (M,) long: each response token, the index in [0, S) of the selected
+      position that predicts it, and its response in [0, N); ``lengths`` (N,) long: tokens per response (EOS
+      included)."""
+    rows: list[list[int]] = []
+    segs: list[list[int]] = []
+    labels: list[int] = []
+    pr: list[int] = []
+    pc: list[int] = []
+    owner: list[int] = []
+    lengths: list[int] = []
+    better: list[int] = []
+    worse: list[int] = []
+    margins: list[float] = []
+    pair_group: list[int] = []
+    response_group: list[int] = []
+    n = 0
+    for g, c in enumerate(comps):
+        p = c.prompt_len
+        if p < 1:
+            raise ValueError("a comparison without prompt tokens has no position to predict its first token from")
+        for (a, b), m in zip(c.pairs, c.margins):
+            better.append(n + a)
+            worse.append(n + b)
+            margins.append(m)
+            pair_group.append(g)
+        if share_prompt:
+            ids, seg = list(c.sequences[0][:p]), [0] * p
+        for k, q in enumerate(c.sequences):
+            # a response's last token (its EOS) is never an input: nothing attends to it and it predicts nothing
+            resp = q[p:]
+            kk = len(resp)
+            if share_prompt:  # row g: [prompt, response 1 but its last token, ..., response K but its last]
+                start = len(ids)
+                ids += resp[:-1]
+                seg += [k + 1] * (kk - 1)
+                row = g
+            else:  # row n: prompt + response but its last token
+                rows.append(list(q[:-1]))
+                start, row = p, n
+            labels += resp
+            pr += [row] * kk
+            pc += [p - 1] + list(range(start, start + kk - 1))
+            owner += [n] * kk
+            lengths.append(kk)
+            response_group.append(g)
+            n += 1
+        if share_prompt:
+            rows.append(ids)
+            segs.append(seg)
+    width = max(len(r) for r in rows)
+    long = dict(dtype=torch.long)
+    batch: dict[str, Any] = {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], **long)}
+    if share_prompt:
+        batch["segments"] = torch.tensor([s + [-1] * (width - len(s)) for s in segs], **long)
+        pos = []  # every response's positions continue the prompt's, as in the separate sequence prompt + response
+        for c in comps:
+            row = list(range(c.prompt_len))
+            for q in c.sequences:
+                row += range(c.prompt_len, len(q) - 1)
+            pos.append(row + [0] * (width - len(row)))
+        batch["position_ids"] = torch.tensor(pos, **long)
+    else:
+        batch["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], **long)
+        batch["position_ids"] = torch.arange(width).expand(len(rows), width).clone()
+    r, c = torch.tensor(pr, **long), torch.tensor(pc, **long)
+    select = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    select[r, c] = True
+    index = (select.flatten().long().cumsum(0) - 1).view(select.shape)
+    batch.update(select=select, pred=index[r, c], labels=torch.tensor(labels, **long),
+                 token_response=torch.tensor(owner, **long), lengths=torch.tensor(lengths, **long),
+                 better=torch.tensor(better, **long), worse=torch.tensor(worse, **long),
+                 margins=torch.tensor(margins, dtype=torch.float32), pair_group=torch.tensor(pair_group, **long),
+                 response_group=torch.tensor(response_group, **long), num_groups=len(comps))
+    return batch
+
+
+def response_logps(lm: torch.nn.Module, batch: dict[str, Any], device) -> torch.Tensor:
+    """log π(y|x) summed over each response's tokens (N,) float32, for a batch of :func:`collate_logps`; ``lm`` is
+    a :class:`align.models.SelectiveLM` (or a module with its forward), run once over the batch's rows."""
+    if "segments" in batch:
+        att = segment_attention_mask(batch["segments"].to(device), lm)
+    else:
+        att = batch["attention_mask"].to(device)
+    logits = lm(batch["input_ids"].to(device), select=batch["select"].to(device), attention_mask=att,
+                position_ids=batch["position_ids"].to(device))  # (S, V)
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    pred = batch["pred"].to(device)
+    tok = z[pred, batch["labels"].to(device)] - torch.logsumexp(z, dim=-1)[pred]  # (M,)
+    out = torch.zeros(len(batch["lengths"]), dtype=tok.dtype, device=device)
+    return out.index_add(0, batch["token_response"].to(device), tok)
+
+
+@dataclass
+class PreferenceStats:
+    """Sums over the pairs of one or more batches of a DPO-family loss (see :func:`align.losses.dpo_loss`): the
+    summed loss, the number of pairs, how many give the chosen response the higher implicit reward, and the sums of
+    the rewards, summed log-probabilities and average token NLL of the chosen and rejected sides."""
+
+    loss: float = 0.0
+    pairs: float = 0.0
+    correct: float = 0.0
+    rewards_chosen: float = 0.0
+    rewards_rejected: float = 0.0
+    logps_chosen: float = 0.0
+    logps_rejected: float = 0.0
+    nll: float = 0.0
+
+    @classmethod
+    def of(cls, loss: torch.Tensor, pairs: dict[str, torch.Tensor]) -> "PreferenceStats":
+        """From a summed loss and the per-pair statistics of :func:`align.losses.dpo_loss`."""
+        rc, rr = pairs["rewards_chosen"].double(), pairs["rewards_rejected"].double()
+        return cls(float(loss.detach()), float(len(rc)), float((rc > rr).sum()), float(rc.sum()), float(rr.sum()),
+                   float(pairs["logps_chosen"].double().sum()), float(pairs["logps_rejected"].double().sum()),
+                   float(pairs["nll"].double().sum()))
+
+    def __add__(self, other: "PreferenceStats") -> "PreferenceStats":
+        return PreferenceStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def reduced(self, reduce_sum: Callable[[list[float]], list[float]]) -> "PreferenceStats":
+        return PreferenceStats(*reduce_sum(list(astuple(self))))
+
+    def summary(self, groups: float, prefix: str = "") -> dict[str, float]:
+        """TRL's DPO metrics (its ``rewards/chosen`` is our ``rewards_chosen``): loss (mean per comparison of
+        ``groups``), rewards_chosen / rewards_rejected (mean implicit reward), rewards_accuracies (fraction of
+        pairs whose chosen reward is higher), rewards_margins (mean chosen − rejected reward), logps_chosen /
+        logps_rejected (mean summed log-probability) and nll_loss (mean token NLL of the chosen responses)."""
+        n = max(self.pairs, 1.0)
+        return {f"{prefix}loss": self.loss / max(groups, 1.0), f"{prefix}rewards_chosen": self.rewards_chosen / n,
+                f"{prefix}rewards_rejected": self.rewards_rejected / n, f"{prefix}rewards_accuracies": self.correct / n,
+                f"{prefix}rewards_margins": (self.rewards_chosen - self.rewards_rejected) / n,
+                f"{prefix}logps_chosen": self.logps_chosen / n, f"{prefix}logps_rejected": self.logps_rejected / n,
+                f"{prefix}nll_loss": self.nll / n}
+
+
+def best_worst_pairs(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online DPO's pairs: for each group of ``group_size`` consecutive completions whose rewards are not all
+    equal, (its best, its worst) completion as row indices (the first of equal maxima / minima). Groups whose
+    rewards are all equal give no pair. rewards (B,) → better, worse (P,) long, in group order."""
+    r = rewards.view(-1, group_size)
+    base = torch.arange(r.shape[0], device=rewards.device) * group_size
+    keep = r.max(-1).values > r.min(-1).values
+    return (base + r.argmax(-1))[keep], (base + r.argmin(-1))[keep]

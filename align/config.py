@@ -563,3 +563,67 @@ class GRPOConfig(RLConfig):
     rm_replay_ratio: float = _f(0.1, "Fraction of each reward-model update's comparisons drawn from "
                                      "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).", ge=0, lt=1)
     rm_learning_rate: float = _f(1e-5, "Learning rate of the reward model's AdamW during rm_update.", gt=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# direct preference optimisation
+
+
+@dataclass
+class DPOConfig(BaseConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) and its relatives: the policy is trained on
+    comparisons (prompt + chosen + rejected, or prompt + ranked responses) against a frozen reference policy,
+    no reward model and no sampling. loss_type picks the loss by TRL's names."""
+
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.", gt=0)
+    per_device_train_batch_size: int = _f(8, "Prompts (comparison rows) per process per micro-batch; a ranked "
+                                             "row of K responses counts once and gives K(K-1)/2 pairs.", ge=1)
+    loss_type: str = _f("sigmoid", "Preference loss (TRL names): sigmoid (DPO), ipo (Azar et al. 2023), hinge "
+                                   "(SLiC), robust (label-smoothed, Chowdhury et al. 2024), simpo (reference-free, "
+                                   "length-normalised, Meng et al. 2024), orpo (odds-ratio term added to the SFT "
+                                   "loss, no reference, Hong et al. 2024).",
+                        choices=("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"))
+    beta: float = _f(0.1, "Temperature beta of the implicit reward beta*log(pi/pi_ref) (ipo: tau, the "
+                          "regularisation; simpo: the reward scale, ~2; orpo: lambda, the odds-ratio weight).", gt=0)
+    label_smoothing: float = _f(0.0, "Probability that a pair's label is flipped (cDPO for sigmoid, robust's "
+                                     "epsilon); in [0, 0.5).", ge=0, lt=0.5)
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (loss_type=simpo).", ge=0)
+    rpo_alpha: float = _f(0.0, "Weight of the chosen response's mean token NLL added to the loss (RPO, Pang et "
+                               "al. 2024); 0: off.", ge=0)
+    reference_free: bool = _f(False, "Use a uniform reference (log pi_ref = 0): no reference model is loaded. "
+                                     "simpo and orpo are always reference-free.")
+    ref_model: str = _f("", "Frozen reference policy (default: model). With use_lora the reference is model with "
+                            "the adapter disabled: no second copy of the weights.")
+    precompute_ref_log_probs: bool = _f(True, "Compute the reference's log-probabilities of the training data once "
+                                              "before training and cache them in output_dir (an epoch then costs "
+                                              "one policy forward/backward per comparison).")
+    margin_column: str = _f("margin", "Column with a per-pair margin m subtracted inside the loss (sigmoid: "
+                                      "-log sigmoid(beta*h - m)); rows without it use 0. Empty: ignore margins.")
+    ranking_column: str = _f("ranking", "For ranked rows (prompt + responses): optional column of ranks, one "
+                                        "per response, 1 = best (ties make no pair); without it responses are "
+                                        "ordered best first.")
+    on_bad_pair: str = _f("error", "Rows with no preference to learn (chosen identical to rejected, identical "
+                                   "responses in a ranked list, or all ranks equal): error stops before "
+                                   "training; skip drops them and reports the count.", choices=("error", "skip"))
+    share_prompt: bool = _f(True, "Run each comparison's prompt once, its responses attending to it through a "
+                                  "4-D attention mask (same log-probabilities as separate sequences, fewer "
+                                  "tokens); off, or with flash-attention: separate padded sequences.")
+
+
+@dataclass
+class OnlineDPOConfig(RLConfig):
+    """Online DPO (Guo et al. 2024, TRL's OnlineDPOTrainer): each step samples num_generations completions per
+    prompt from the current policy, the reward sources rank them, and the DPO loss trains on best vs worst of
+    each group (groups whose rewards are all equal give no pair) against the frozen reference."""
+
+    learning_rate: float = _f(5e-7, "Peak learning rate of AdamW.", gt=0)
+    per_device_train_batch_size: int = _f(8, "Prompts per process per micro-batch; each gives num_generations "
+                                             "completions and at most one pair.", ge=1)
+    num_generations: int = _f(2, "Completions sampled per prompt (>= 2); the best and the worst make the pair.", ge=2)
+    loss_type: str = _f("sigmoid", "Preference loss (TRL names): sigmoid, ipo, hinge, robust, simpo, orpo "
+                                   "(see `align dpo --help`).",
+                        choices=("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"))
+    beta: float = _f(0.1, "Temperature beta of the implicit reward beta*log(pi/pi_ref) (as in `align dpo`).", gt=0)
+    label_smoothing: float = _f(0.0, "Probability that a pair's label is flipped (sigmoid, robust); in [0, 0.5).", ge=0, lt=0.5)
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (loss_type=simpo).", ge=0)
+    rpo_alpha: float = _f(0.0, "Weight of the chosen completion's mean token NLL added to the loss; 0: off.", ge=0)

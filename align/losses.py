@@ -610,3 +610,173 @@ def trpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     """Minus TRPO's surrogate objective ``L(θ) = agg(ρ_t Â_t)``, ``ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)``
     (Schulman et al. 2015 eq. 14): PPO's objective without clipping. Shapes: (B, T) each → (scalar, stats)."""
     return clipped_surrogate_loss(logp, old_logp, advantages, mask, epsilon=math.inf, agg=agg, num_items=num_items)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Direct preference optimisation: one table, one entry per loss (TRL's names)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Each entry maps the log-probabilities of P (chosen, rejected) pairs to per-pair losses and implicit rewards:
+#
+#     fn(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, *, beta, label_smoothing, gamma,
+#        margin) -> (loss (P,), chosen_reward (P,), rejected_reward (P,))
+#
+# ``chosen``/``rejected`` are log π_θ(y|x) summed over each response's tokens (P,), ``ref_*`` the same under the
+# frozen reference π_ref (ignored by the reference-free losses, zeros for ``reference_free``), ``*_len`` the token
+# counts (P,) (for the length-normalised losses). ``margin`` (P,) or None: a per-pair offset m subtracted from the
+# argument of the preference term (ODPO, Amini et al. 2024; the RM stage's margin). With
+# h = (log π_θ(y_c) − log π_ref(y_c)) − (log π_θ(y_r) − log π_ref(y_r)) the DPO log-ratio difference, the
+# reward of a response is β·(log π_θ(y) − log π_ref(y)) (its average-per-token log-probability scaled by β for
+# simpo and orpo), as TRL logs it. All are finite for finite inputs (logsigmoid, no log of a sigmoid).
+
+__all__ += ["DPO_LOSSES", "REFERENCE_FREE_DPO_LOSSES", "dpo_args_problem", "dpo_loss", "register_dpo_loss"]
+
+DPO_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
+REFERENCE_FREE_DPO_LOSSES: set[str] = set()
+
+
+def register_dpo_loss(name: str, reference_free: bool = False):
+    """Decorator: add a preference loss to :data:`DPO_LOSSES` under ``name`` (``reference_free``: it never reads
+    reference log-probabilities, so no reference model is loaded)."""
+
+    def add(fn):
+        DPO_LOSSES[name] = fn
+        if reference_free:
+            REFERENCE_FREE_DPO_LOSSES.add(name)
+        return fn
+
+    return add
+
+
+def _offset(z: Tensor, margin: Tensor | None) -> Tensor:
+    return z if margin is None else z - margin
+
+
+def _smoothed_logistic(z: Tensor, label_smoothing: float) -> Tensor:
+    """−(1−ε) log σ(z) − ε log σ(−z): the logistic loss of a label that is flipped with probability ε."""
+    loss = -F.logsigmoid(z)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
+
+
+@register_dpo_loss("sigmoid")
+def dpo_sigmoid_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                     chosen_len: Tensor, rejected_len: Tensor, *, beta: float, label_smoothing: float = 0.0,
+                     gamma: float = 0.0, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023, eq. 7): ``L = −log σ(β·h − m)``; with label smoothing ε, conservative DPO
+    (cDPO, Mitchell 2023): ``−(1−ε) log σ(β·h − m) − ε log σ(−(β·h − m))``. Shapes: (P,) each → (P,) × 3."""
+    rc, rr = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    return _smoothed_logistic(_offset(rc - rr, margin), label_smoothing), rc, rr
+
+
+@register_dpo_loss("robust")
+def dpo_robust_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                    chosen_len: Tensor, rejected_len: Tensor, *, beta: float, label_smoothing: float = 0.0,
+                    gamma: float = 0.0, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Robust DPO (Chowdhury et al. 2024, eq. 9), an unbiased loss under labels flipped with probability
+    ε < ½: ``L = (−(1−ε) log σ(z) + ε log σ(−z)) / (1 − 2ε)``, ``z = β·h − m``; ε = 0 is DPO. Shapes as
+    :func:`dpo_sigmoid_loss`."""
+    rc, rr = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    z = _offset(rc - rr, margin)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), rc, rr
+
+
+@register_dpo_loss("hinge")
+def dpo_hinge_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                   chosen_len: Tensor, rejected_len: Tensor, *, beta: float, label_smoothing: float = 0.0,
+                   gamma: float = 0.0, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """SLiC's calibration loss on the DPO log-ratios (Zhao et al. 2023, eq. 1 with π_ref; TRL's "hinge"):
+    ``L = max(0, 1 − (β·h − m))``; 1/β is the margin the log-ratio difference must reach. Shapes as
+    :func:`dpo_sigmoid_loss`."""
+    rc, rr = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    return torch.relu(1 - _offset(rc - rr, margin)), rc, rr
+
+
+@register_dpo_loss("ipo")
+def dpo_ipo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                 chosen_len: Tensor, rejected_len: Tensor, *, beta: float, label_smoothing: float = 0.0,
+                 gamma: float = 0.0, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al. 2023, eq. 17), τ = β: ``L = (h̄ − (½ + m)/τ)²`` with h̄ the log-ratio difference of
+    average-per-token log-probabilities (as TRL, confirmed with the authors); it regresses h̄ to 1/(2τ) instead
+    of pushing it to infinity. Shapes as :func:`dpo_sigmoid_loss`."""
+    rc, rr = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    h_bar = (chosen - ref_chosen) / chosen_len.clamp(min=1) - (rejected - ref_rejected) / rejected_len.clamp(min=1)
+    target = 0.5 / beta if margin is None else (0.5 + margin) / beta
+    return (h_bar - target) ** 2, rc, rr
+
+
+@register_dpo_loss("simpo", reference_free=True)
+def simpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+               chosen_len: Tensor, rejected_len: Tensor, *, beta: float, label_smoothing: float = 0.0,
+               gamma: float = 0.0, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): no reference; the reward is the length-normalised log-probability
+    ``r = β/|y| · log π_θ(y|x)`` and ``L = −log σ(r_c − r_r − γ − m)`` (label smoothing as in cDPO, like TRL's
+    CPOTrainer). Shapes as :func:`dpo_sigmoid_loss`."""
+    rc, rr = beta * chosen / chosen_len.clamp(min=1), beta * rejected / rejected_len.clamp(min=1)
+    return _smoothed_logistic(_offset(rc - rr - gamma, margin), label_smoothing), rc, rr
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012); x is clamped to ≤ −1e-6 so that a
+    response of probability 1 (in float32) has finite odds."""
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@register_dpo_loss("orpo", reference_free=True)
+def orpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+              chosen_len: Tensor, rejected_len: Tensor, *, beta: float, label_smoothing: float = 0.0,
+              gamma: float = 0.0, margin: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, eqs. 6-7): the chosen response's SFT loss plus λ = β times the odds-ratio term,
+    no reference: with p = exp(log π_θ(y|x)/|y|) the average-per-token likelihood and odds(y) = p/(1 − p),
+    ``L = −log π_θ(y_c|x)/|y_c| − λ log σ(log odds(y_c) − log odds(y_r) − m)``. Rewards β·log p (TRL's).
+    Shapes as :func:`dpo_sigmoid_loss`."""
+    ac, ar = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
+    log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+    return -ac - beta * F.logsigmoid(_offset(log_odds, margin)), beta * ac, beta * ar
+
+
+def dpo_args_problem(loss_type: str, beta: float, label_smoothing: float) -> str | None:
+    """Why (loss_type, beta, label_smoothing) cannot train, as one line, or None when they can."""
+    if loss_type not in DPO_LOSSES:
+        return f"loss_type {loss_type!r} is not one of {', '.join(DPO_LOSSES)}"
+    if beta <= 0:
+        return f"beta must be > 0, got {beta}"
+    if not 0 <= label_smoothing < 0.5:
+        return f"label_smoothing must be in [0, 0.5), got {label_smoothing}"
+    if label_smoothing and loss_type not in ("sigmoid", "robust", "simpo"):
+        return f"label_smoothing applies to loss_type sigmoid, robust and simpo, not {loss_type}"
+    return None
+
+
+def dpo_loss(loss_type: str, logps: Tensor, ref_logps: Tensor, lengths: Tensor, better: Tensor, worse: Tensor,
+             pair_group: Tensor, num_groups: int, *, beta: float, label_smoothing: float = 0.0,
+             gamma: float = 0.0, margins: Tensor | None = None, rpo_alpha: float = 0.0
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Summed preference loss of a batch of comparisons, each comparison (prompt) weighing the same:
+
+        L = Σ_g 1/|P_g| Σ_{(c,r)∈P_g} [ ℓ(c, r) + α · (−log π_θ(y_c|x) / |y_c|) ]
+
+    with ℓ = ``DPO_LOSSES[loss_type]`` and α = ``rpo_alpha`` (RPO, Pang et al. 2024: the chosen response's
+    average token NLL). A ranked list's K(K−1)/2 pairs share one comparison's weight, as in
+    :func:`comparison_loss`. Returns the SUM over groups (the caller divides by the global number of
+    comparisons) and detached per-pair tensors (P,): loss, rewards_chosen, rewards_rejected, logps_chosen,
+    logps_rejected, nll (the chosen response's average token NLL).
+
+    Shapes: ``logps``, ``ref_logps`` (N,) summed log-probabilities of the batch's N responses (policy and
+    reference); ``lengths`` (N,) their token counts; ``better``, ``worse``, ``pair_group`` (P,) long (indices
+    into the responses; the comparison of each pair, in [0, G)); ``margins`` (P,) or None."""
+    lengths = lengths.to(logps.dtype)
+    c, r = logps[better], logps[worse]
+    per_pair, rc, rr = DPO_LOSSES[loss_type](c, r, ref_logps[better], ref_logps[worse], lengths[better],
+                                             lengths[worse], beta=beta, label_smoothing=label_smoothing,
+                                             gamma=gamma, margin=margins)
+    nll = -c / lengths[better].clamp(min=1)
+    total = per_pair + rpo_alpha * nll if rpo_alpha else per_pair
+    pairs_per_group = torch.bincount(pair_group, minlength=num_groups).to(logps.dtype)
+    loss = (total / pairs_per_group[pair_group]).sum()
+    stats = {"loss": total.detach(), "rewards_chosen": rc.detach(), "rewards_rejected": rr.detach(),
+             "logps_chosen": c.detach(), "logps_rejected": r.detach(), "nll": nll.detach()}
+    return loss, stats

@@ -38,11 +38,13 @@ class PipelineConfig(Checked):
     sft: str = _f("recipes/tiny/sft.yaml", "SFT recipe (model and output_dir are set by the pipeline).")
     rm: str = _f("recipes/tiny/rm.yaml", "Reward-model recipe (trained from the SFT model); empty skips it.")
     rl_stages: list = _f(["ppo", "grpo"], "RL stages to run from the SFT model, each from its recipe: any of "
-                                          "ppo, grpo, trpo, reinforce.", choices=RL_STAGES)
+                                          "ppo, grpo, trpo, reinforce, dpo, online_dpo.", choices=RL_STAGES)
     ppo: str = _f("recipes/tiny/ppo.yaml", "PPO recipe (its reward_model is set to the RM trained here).")
     grpo: str = _f("recipes/tiny/grpo.yaml", "GRPO recipe.")
     trpo: str = _f("recipes/tiny/trpo.yaml", "TRPO recipe.")
     reinforce: str = _f("recipes/tiny/reinforce.yaml", "REINFORCE recipe.")
+    dpo: str = _f("recipes/tiny/dpo.yaml", "DPO recipe (trained on its recipe's comparisons from the SFT model).")
+    online_dpo: str = _f("recipes/tiny/online_dpo.yaml", "Online DPO recipe.")
     eval_data: str = _f("data/addition/eval.jsonl", "Held-out prompts with the columns the gold functions need.")
     eval_reward_funcs: list = _f(["exact_match"], "Gold reward functions; reward_mean of these is the accuracy.")
     eval_max_new_tokens: int = _f(8, "Generation length for the gold evaluation.", ge=1)
@@ -194,6 +196,11 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# eval metrics of offline DPO that are not accuracies (its eval_rewards_accuracies is one)
+_NOT_ACCURACY = ("eval_loss", "eval_logps_", "eval_nll_", "eval_rewards_chosen", "eval_rewards_rejected",
+                 "eval_rewards_margins")
+
+
 def plot_curves(stage_dirs: dict[str, str], path: str, start_accuracy: float | None = None) -> str | None:
     """Reward (proxy and gold), KL and held-out accuracy over steps, one row per RL stage; ``start_accuracy``
     (the SFT model's, where the RL stages start) is drawn as a dotted line on the accuracy plots."""
@@ -212,8 +219,11 @@ def plot_curves(stage_dirs: dict[str, str], path: str, start_accuracy: float | N
         rows = read_metrics(d)
         steps = [r["step"] for r in rows]
         ax = axes[row]
-        for key, label in [("reward", "proxy reward")] + [(k, k.replace("gold_", "gold ")) for k in
-                                                          sorted({k for r in rows for k in r if k.startswith("gold_")})]:
+        # offline DPO samples nothing: its panel shows the implicit rewards of the chosen and rejected answers
+        proxy = [("reward", "proxy reward")] if any("reward" in r for r in rows) else \
+            [("rewards_chosen", "implicit reward, chosen"), ("rewards_rejected", "implicit reward, rejected")]
+        for key, label in proxy + [(k, k.replace("gold_", "gold ")) for k in
+                                   sorted({k for r in rows for k in r if k.startswith("gold_")})]:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
                 ax[0].plot(*zip(*pts), label=label)
@@ -223,14 +233,17 @@ def plot_curves(stage_dirs: dict[str, str], path: str, start_accuracy: float | N
         if pts:
             ax[1].plot(*zip(*pts), color="tab:red")
         ax[1].set_title(f"{stage}: KL to reference")
-        acc_keys = sorted({k for r in rows for k in r if k.startswith("eval_") and k != "eval_reward"})
+        acc_keys = sorted({k for r in rows for k in r if k.startswith("eval_") and k != "eval_reward"
+                           and not k.startswith(_NOT_ACCURACY)})
         for key in acc_keys:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
                 ax[2].plot(*zip(*pts), marker="o", label=key)
-        if start_accuracy is not None:
+        pairwise = acc_keys == ["eval_rewards_accuracies"]  # offline DPO: held-out pairs, not greedy answers
+        if start_accuracy is not None and not pairwise:
             ax[2].axhline(start_accuracy, ls=":", color="gray", label=f"start (SFT): {start_accuracy:.1%}")
-        ax[2].set_title(f"{stage}: held-out accuracy (greedy)")
+        ax[2].set_title(f"{stage}: held-out " + ("pairwise accuracy (implicit reward)" if pairwise
+                                                 else "accuracy (greedy)"))
         if acc_keys or start_accuracy is not None:
             ax[2].legend(fontsize=8)
         for a in ax:
