@@ -11,6 +11,7 @@ a verifier give comparisons the same way (:func:`group_comparisons`, iterative G
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import astuple, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -184,6 +185,20 @@ def load_comparisons(sources: str, split: str, tokenizer, max_length: int, colum
     return comps, skipped
 
 
+def load_stage_comparisons(cfg, tokenizer, stage: str) -> tuple[list[Comparison], list[Comparison] | None, int]:
+    """A comparison stage's (RM, DPO) train and eval comparisons (eval: None without eval_data) and the number of
+    rows skipped by ``on_bad_pair: skip`` (reported on stderr), every row validated."""
+    kw = dict(column_map=cfg.column_map, margin_column=cfg.margin_column, ranking_column=cfg.ranking_column,
+              skip_bad=cfg.on_bad_pair == "skip")
+    train, skipped = load_comparisons(cfg.train_data, cfg.train_split, tokenizer, cfg.max_length, **kw)
+    evals, eval_skipped = load_comparisons(cfg.eval_data, cfg.eval_split, tokenizer, cfg.max_length, **kw) \
+        if cfg.eval_data else (None, 0)
+    if skipped or eval_skipped:
+        print(f"{stage}: skipped {skipped} train and {eval_skipped} eval rows with no usable pair "
+              f"(on_bad_pair=skip)", file=sys.stderr)
+    return train, evals, skipped + eval_skipped
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # batches
 
@@ -254,25 +269,35 @@ def batch_rewards(model, batch: dict[str, Any], device) -> torch.Tensor:
     return model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
 
+class Sums:
+    """A dataclass of sums that add up over batches and over processes."""
+
+    def __add__(self, other):
+        return type(self)(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def reduced(self, reduce_sum: Callable[[list[float]], list[float]]):
+        """The sums over every process (``reduce_sum``, e.g. ``Run.reduce_sum``)."""
+        return type(self)(*reduce_sum(list(astuple(self))))
+
+
 @dataclass
-class ComparisonStats:
-    """Sums over the pairs of one or more batches: the summed loss, the number of pairs, how many rank the better
-    response higher, and the sum and sum of squares of the better (chosen) and worse (rejected) rewards."""
+class PairSums(Sums):
+    """The summed loss of a batch's pairs, their number and how many of them rank the better response higher."""
 
     loss: float = 0.0
     pairs: float = 0.0
     correct: float = 0.0
+
+
+@dataclass
+class ComparisonStats(PairSums):
+    """A reward model's sums over the pairs of one or more batches (:class:`PairSums`) and the sum and sum of
+    squares of the better (chosen) and worse (rejected) rewards."""
+
     chosen: float = 0.0
     chosen_sq: float = 0.0
     rejected: float = 0.0
     rejected_sq: float = 0.0
-
-    def __add__(self, other: "ComparisonStats") -> "ComparisonStats":
-        return ComparisonStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
-
-    def reduced(self, reduce_sum: Callable[[list[float]], list[float]]) -> "ComparisonStats":
-        """The sums over every process (``reduce_sum``, e.g. ``Run.reduce_sum``)."""
-        return ComparisonStats(*reduce_sum(list(astuple(self))))
 
     def summary(self, groups: float, prefix: str = "") -> dict[str, float]:
         """loss (mean per comparison of ``groups``), pairwise accuracy, reward mean/std of the chosen (better) and
@@ -411,14 +436,11 @@ def response_logps(lm: torch.nn.Module, batch: dict[str, Any], device) -> torch.
 
 
 @dataclass
-class PreferenceStats:
-    """Sums over the pairs of one or more batches of a DPO-family loss (see :func:`align.losses.dpo_loss`): the
-    summed loss, the number of pairs, how many give the chosen response the higher implicit reward, and the sums of
-    the rewards, summed log-probabilities and average token NLL of the chosen and rejected sides."""
+class PreferenceStats(PairSums):
+    """A DPO-family loss's sums over the pairs of one or more batches (:class:`PairSums`; a pair is correct when
+    the chosen response has the higher implicit reward, see :func:`align.losses.dpo_loss`) and the sums of the
+    rewards, summed log-probabilities and average token NLL of the chosen and rejected sides."""
 
-    loss: float = 0.0
-    pairs: float = 0.0
-    correct: float = 0.0
     rewards_chosen: float = 0.0
     rewards_rejected: float = 0.0
     logps_chosen: float = 0.0
@@ -432,12 +454,6 @@ class PreferenceStats:
         return cls(float(loss.detach()), float(len(rc)), float((rc > rr).sum()), float(rc.sum()), float(rr.sum()),
                    float(pairs["logps_chosen"].double().sum()), float(pairs["logps_rejected"].double().sum()),
                    float(pairs["nll"].double().sum()))
-
-    def __add__(self, other: "PreferenceStats") -> "PreferenceStats":
-        return PreferenceStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
-
-    def reduced(self, reduce_sum: Callable[[list[float]], list[float]]) -> "PreferenceStats":
-        return PreferenceStats(*reduce_sum(list(astuple(self))))
 
     def summary(self, groups: float, prefix: str = "") -> dict[str, float]:
         """TRL's DPO metrics (its ``rewards/chosen`` is our ``rewards_chosen``): loss (mean per comparison of

@@ -16,8 +16,8 @@ from ..config import AlignError
 from ..heads import load_trained_scalar_model, token_values
 from ..models import SelectiveLM, disable_dropout, lm_parts
 from ..rollout import Rollout, scatter_tokens, sequence_inputs
-from .outputs import gathered_state, push_final, save_model
 from .loop import Run
+from .outputs import gathered_state, push_final, save_model
 
 Tensor = torch.Tensor
 

@@ -37,12 +37,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 
 import torch
 from torch import nn
 
-from ..comparisons import Comparison, PreferenceStats, collate_logps, load_comparisons, response_logps
+from ..comparisons import Comparison, PreferenceStats, collate_logps, load_stage_comparisons, response_logps
 from ..config import AlignError, DPOConfig
 from ..heads import supports_segment_mask
 from ..losses import REFERENCE_FREE_DPO_LOSSES, dpo_args_problem, dpo_loss
@@ -78,14 +77,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     check_dpo_config(cfg)
     resolve_checkpoint(cfg)  # a missing checkpoint fails here, before the reference cache is written
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    kw = dict(column_map=cfg.column_map, margin_column=cfg.margin_column, ranking_column=cfg.ranking_column,
-              skip_bad=cfg.on_bad_pair == "skip")
-    train, skipped = load_comparisons(cfg.train_data, cfg.train_split, tokenizer, cfg.max_length, **kw)
-    evals, eval_skipped = load_comparisons(cfg.eval_data, cfg.eval_split, tokenizer, cfg.max_length, **kw) \
-        if cfg.eval_data else (None, 0)
-    if skipped or eval_skipped:
-        print(f"dpo: skipped {skipped} train and {eval_skipped} eval rows with no usable pair (on_bad_pair=skip)",
-              file=sys.stderr)
+    train, evals, skipped = load_stage_comparisons(cfg, tokenizer, "dpo")
 
     seed_everything(cfg.seed)
     run = Run(cfg, "dpo")
@@ -122,17 +114,10 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
         return loss, PreferenceStats.of(loss, pairs)
 
     def step_fn(step: int) -> dict[str, float]:
-        indices, micro = run.micro_batches(step, len(train))
-        model.train()
-        stats = PreferenceStats()
-        for idx in run.accumulate(micro):
-            loss, s = loss_of(model, [train[i] for i in idx], "train", idx)
-            # every comparison of the global batch weighs 1/global_batch; DDP averages over processes
-            run.backward(loss * run.world / len(indices))
-            stats = stats + s
-        out = run.optimizer_step()
-        stats = stats.reduced(run.reduce_sum)
-        out.update(stats.summary(len(indices)))
+        out, stats, n = run.step_over_examples(
+            step, len(train), model, lambda idx: loss_of(model, [train[i] for i in idx], "train", idx),
+            PreferenceStats())
+        out.update(stats.summary(n))
         out["pairs"] = stats.pairs
         return out
 
@@ -148,7 +133,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
 
     metrics = run.train(step_fn, eval_fn if evals else None)
     save_final(run, run.unwrap().model, tokenizer)
-    metrics["skipped_rows"] = skipped + eval_skipped
+    metrics["skipped_rows"] = skipped
     return metrics
 
 

@@ -152,6 +152,20 @@ class Run:
             with self.no_sync(last=k == len(micro) - 1), self.accelerator.autocast():
                 yield item
 
+    def step_over_examples(self, step: int, num_examples: int, model: nn.Module,
+                           loss_fn: Callable[[list[int]], tuple[torch.Tensor, Any]], stats: Any) -> tuple[dict, Any, int]:
+        """One optimizer step over the global batch of `step` in which every example weighs 1/global batch (the
+        comparison stages): ``loss_fn(indices)`` gives a micro-batch's summed loss and its statistics (a
+        ``comparisons.Sums``). Returns (the optimizer's metrics, the statistics summed over micro-batches and
+        processes, the global batch size)."""
+        indices, micro = self.micro_batches(step, num_examples)
+        model.train()
+        for idx in self.accumulate(micro):
+            loss, s = loss_fn(idx)
+            self.backward(loss * self.world / len(indices))  # DDP averages over processes
+            stats = stats + s
+        return self.optimizer_step(), stats.reduced(self.reduce_sum), len(indices)
+
     def no_sync(self, last: bool):
         """Context for one micro-batch's backward: skip the gradient all-reduce unless it is the last."""
         from accelerate.utils import DistributedType

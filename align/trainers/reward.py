@@ -29,18 +29,16 @@ tokenizer (a LoRA run saves the adapter and the trained ``score`` head; ``align.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from ..comparisons import Comparison, ComparisonStats, batch_loss, collate, load_comparisons
+from ..comparisons import Comparison, ComparisonStats, batch_loss, collate, load_stage_comparisons
 from ..config import RMConfig
 from ..data import batched
 from ..heads import ScalarModel, load_trained_scalar_model, supports_segment_mask
 from ..models import load_tokenizer
 from .checkpoints import check_output_dir
-from .outputs import save_final
 from .loop import Run, resolve_max_steps, seed_everything
+from .outputs import save_final
 
 
 def train_rm(cfg: RMConfig) -> dict[str, float]:
@@ -48,14 +46,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
     written before the model and every input row have been checked."""
     check_output_dir(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    kw = dict(column_map=cfg.column_map, margin_column=cfg.margin_column, ranking_column=cfg.ranking_column,
-              skip_bad=cfg.on_bad_pair == "skip")
-    train, skipped = load_comparisons(cfg.train_data, cfg.train_split, tokenizer, cfg.max_length, **kw)
-    evals, eval_skipped = load_comparisons(cfg.eval_data, cfg.eval_split, tokenizer, cfg.max_length, **kw) \
-        if cfg.eval_data else (None, 0)
-    if skipped or eval_skipped:
-        print(f"rm: skipped {skipped} train and {eval_skipped} eval rows with no usable pair (on_bad_pair=skip)",
-              file=sys.stderr)
+    train, evals, skipped = load_stage_comparisons(cfg, tokenizer, "rm")
 
     seed_everything(cfg.seed)
     run = Run(cfg, "rm")
@@ -67,17 +58,10 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
     share = cfg.share_prompt and supports_segment_mask(model)
 
     def step_fn(step: int) -> dict[str, float]:
-        indices, micro = run.micro_batches(step, len(train))
-        rm.train()
-        stats = ComparisonStats()
-        for idx in run.accumulate(micro):
-            loss, s = batch_loss(rm, collate([train[i] for i in idx], pad_id, share), run.device, coef)
-            # every row of the global batch weighs 1/global_batch; DDP averages over processes
-            run.backward(loss * run.world / len(indices))
-            stats = stats + s
-        out = run.optimizer_step()
-        stats = stats.reduced(run.reduce_sum)
-        out.update(stats.summary(len(indices)))
+        out, stats, n = run.step_over_examples(
+            step, len(train), rm, lambda idx: batch_loss(rm, collate([train[i] for i in idx], pad_id, share),
+                                                         run.device, coef), ComparisonStats())
+        out.update(stats.summary(n))
         out["pairs"] = stats.pairs
         return out
 
@@ -86,7 +70,7 @@ def train_rm(cfg: RMConfig) -> dict[str, float]:
 
     metrics = run.train(step_fn, eval_fn if evals else None)
     save_final(run, run.unwrap().model, tokenizer)
-    metrics["skipped_rows"] = skipped + eval_skipped
+    metrics["skipped_rows"] = skipped
     return metrics
 
 

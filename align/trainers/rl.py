@@ -26,10 +26,10 @@ from ..models import (SelectiveLM, disable_dropout, frozen_dtype, load_causal_lm
 from ..rewards import functions, reward_sources
 from ..rollout import (Rollout, completion_logprobs, generate, group_completion_logprobs, make_generator,
                        make_rollout)
-from .critic import PolicyAndValue, policy_of, rollout_values, save_policy_and_critic, with_critic
 from .checkpoints import check_output_dir
-from .outputs import push_final
+from .critic import PolicyAndValue, policy_of, rollout_values, save_policy_and_critic, with_critic
 from .loop import Run, resolve_max_steps, seed_everything
+from .outputs import push_final
 
 Tensor = torch.Tensor
 

@@ -15,8 +15,8 @@ from ..data import (IGNORE_INDEX, SFTExample, batched, pack_examples, pack_rows,
                     tokenize_sft)
 from ..models import SelectiveLM, load_tokenizer, load_trained_lm
 from .checkpoints import check_output_dir
-from .outputs import save_final
 from .loop import Run, resolve_max_steps, seed_everything
+from .outputs import save_final
 
 
 def layout_cost(rows: int, width: int, hidden_size: int) -> int:
