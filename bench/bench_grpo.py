@@ -21,8 +21,8 @@ tie and every completion is trained on — no variant gets to skip work):
   step), completion length, beta, learning rate, clip range and loss type, timed between ``on_step_begin`` and
   ``on_step_end``.
 
-The first ``--warmup`` steps of each are not counted. The three runs alternate ``--repeats`` times and the best
-of each is kept (the machine may be shared).
+The first ``--warmup`` steps of each are not counted. The three runs alternate ``--repeats`` times and the
+median of each is reported (the machine may be shared).
 
 Accuracy (``--sft_model`` and ``--data_dir``): ours and TRL each train ``--accuracy_steps`` steps from the SFT
 checkpoint on rl_prompts.jsonl with the exact_match reward and the same hyperparameters, then both models are
@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--scheduler", default="constant")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl_python", default="", help="python of a venv with trl==1.16.0")
     ap.add_argument("--sft_model", default="", help="SFT checkpoint for the accuracy comparison")
@@ -263,21 +263,22 @@ def main() -> None:
                           args)
             if per:
                 t_trl.append(median(per[args.warmup:]))
-    ours_s, bare_s = min(t_ours), min(t_bare)
+    ours_s, bare_s = median(t_ours), median(t_bare)
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nGRPO step: llama hidden={args.hidden} layers={args.layers}, {args.batch} completions/step "
           f"(G={args.num_generations}, {args.batch // args.num_generations} prompts), {args.new_tokens} new "
-          f"tokens, beta={args.beta}, fp32, {device}; median of {args.steps} steps, best of {args.repeats}")
+          f"tokens, beta={args.beta}, fp32, {device}; median of {args.steps} steps, median of {args.repeats} "
+          f"interleaved runs")
     print(f"{'':<8}{'s/step':>10}")
     print(f"{'align':<8}{ours_s:>10.4f}   (generation {phases['time_generation']:.4f}, scoring "
           f"{phases['time_scoring']:.4f}, reference {phases['time_reference']:.4f}, training "
           f"{phases['time_training']:.4f}; trained on {100 * sum(trained) / len(trained):.0f}% of completions)")
     print(f"{'bare':<8}{bare_s:>10.4f}")
     if t_trl:
-        print(f"{'TRL':<8}{min(t_trl):>10.4f}")
+        print(f"{'TRL':<8}{median(t_trl):>10.4f}")
     print(f"align / bare = {ours_s / bare_s:.2f}x   (target <= 1.2x)")
     if t_trl:
-        print(f"align / TRL  = {ours_s / min(t_trl):.2f}x   (target <= 0.5x)")
+        print(f"align / TRL  = {ours_s / median(t_trl):.2f}x   (target <= 0.5x)")
     elif args.trl_python:
         print("TRL: run failed (see stderr)")
     else:
