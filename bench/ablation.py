@@ -78,6 +78,19 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+# per-step diagnostics averaged over a run's logged rows (those the stage logs)
+DIAGNOSTICS = ("approx_kl_last_epoch", "clip_frac", "kl_per_token", "entropy")
+
+
+def diagnostics(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for k in DIAGNOSTICS:
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
 def run_one(args, name: str, stage: str, settings: dict, seed: int) -> dict:
     out = os.path.join(args.out, f"{slug(name)}-s{seed}")
     metrics = os.path.join(out, "metrics.jsonl")
@@ -85,7 +98,7 @@ def run_one(args, name: str, stage: str, settings: dict, seed: int) -> dict:
         rows = [json.loads(x) for x in open(metrics) if x.strip()]
         if rows and rows[-1].get("step") == args.steps and "eval_exact_match" in rows[-1]:
             return {"name": name, "seed": seed, "acc": rows[-1]["eval_exact_match"],
-                    "seconds": rows[-1].get("elapsed", float("nan")), "cached": True}
+                    "seconds": rows[-1].get("elapsed", float("nan")), "cached": True, **diagnostics(rows)}
     common = {"model": args.sft, "train_data": os.path.join(args.data, "rl_prompts.jsonl"),
               "eval_data": os.path.join(args.data, "eval.jsonl"), "reward_funcs": "exact_match",
               "gold_reward_funcs": "exact_match", "max_new_tokens": args.max_new_tokens, "max_length": 32,
@@ -103,14 +116,15 @@ def run_one(args, name: str, stage: str, settings: dict, seed: int) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{slug(name)}-s{seed}.log"), "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.time() - t0
-    acc = float("nan")
+    seconds = time.time() - t0  # wall time; the training loop's own when the run finished
+    acc, diag = float("nan"), {}
     if rc == 0 and os.path.isfile(metrics):
-        last = [json.loads(x) for x in open(metrics) if x.strip()][-1]
-        acc = float(last.get("eval_exact_match", float("nan")))
+        rows = [json.loads(x) for x in open(metrics) if x.strip()]
+        acc, diag = float(rows[-1].get("eval_exact_match", float("nan"))), diagnostics(rows)
+        seconds = float(rows[-1].get("elapsed", seconds))  # the training loop's time, as for a reused run
     print(f"  {name} seed {seed}: acc {acc:.3f} ({seconds:.0f} s){'' if rc == 0 else f' FAILED rc={rc}'}",
           flush=True)
-    return {"name": name, "seed": seed, "acc": acc, "seconds": seconds, "rc": rc}
+    return {"name": name, "seed": seed, "acc": acc, "seconds": seconds, "rc": rc, **diag}
 
 
 def sft_accuracy(args) -> float:
@@ -131,21 +145,41 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+# two-sided 95% quantiles of Student's t with n - 1 degrees of freedom, n = 2..10
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def interval(xs: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean of xs (t distribution); nan for one value."""
+    xs = [x for x in xs if math.isfinite(x)]
+    if len(xs) < 2:
+        return float("nan")
+    return _T95.get(len(xs), 1.96) * mean_sd(xs)[1] / math.sqrt(len(xs))
+
+
 def table(results: list[dict], base: float, variants: list[tuple[str, str, dict]]) -> tuple[str, float]:
     best = max(r["acc"] for r in results if math.isfinite(r["acc"]))
     span = best - base if best > base else float("nan")
-    lines = ["| algorithm | avg. normalised score | gold accuracy, mean ± sd | per seed | s / run |",
-             "|---|---:|---:|---|---:|"]
+    lines = ["| algorithm | avg. normalised score (95% CI) | gold accuracy, mean ± sd | per seed | "
+             "approx KL(old‖new) | clip frac | KL to ref / token | s / run |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for name, _, _ in variants:
         rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["seed"])
         if not rows:
             continue
         accs = [r["acc"] for r in rows]
-        score = mean_sd([(a - base) / span for a in accs])[0]
+        scores = [(a - base) / span for a in accs]
+        score, half = mean_sd(scores)[0], interval(scores)
         m, sd = mean_sd(accs)
         secs = mean_sd([r["seconds"] for r in rows])[0]
         per = ", ".join(f"{a:.3f}" for a in accs)
-        lines.append(f"| {name} | {score:.2f} | {m:.3f} ± {sd:.3f} | {per} | {secs:.0f} |")
+
+        def diag(k: str) -> str:
+            v = mean_sd([r[k] for r in rows if k in r])[0]
+            return f"{v:.4f}" if math.isfinite(v) else "–"
+
+        lines.append(f"| {name} | {score:.2f} ± {half:.2f} | {m:.3f} ± {sd:.3f} | {per} | "
+                     f"{diag('approx_kl_last_epoch')} | {diag('clip_frac')} | {diag('kl_per_token')} | {secs:.0f} |")
     return "\n".join(lines), best
 
 
