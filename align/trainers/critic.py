@@ -17,7 +17,7 @@ from ..heads import load_trained_scalar_model, token_values
 from ..models import SelectiveLM, disable_dropout, lm_parts
 from ..rollout import Rollout, scatter_tokens, sequence_inputs
 from .loop import Run
-from .outputs import gathered_state, push_final, save_model
+from .outputs import files_renamed_into, gathered_state, push_final, save_model
 
 Tensor = torch.Tensor
 
@@ -122,8 +122,9 @@ def save_policy_and_critic(run: Run, tokenizer, push: bool = True) -> None:
             else:
                 head = {k[len("value_head."):]: v for k, v in full.items() if k.startswith("value_head.")} \
                     if full else net.value_head.state_dict()
-                save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()},
-                          os.path.join(out_dir, "value_head.safetensors"))
+                with files_renamed_into(out_dir) as tmp:  # written whole or not at all
+                    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()},
+                              os.path.join(tmp, "value_head.safetensors"))
     run.accelerator.wait_for_everyone()
     if push:
         push_final(run)

@@ -21,6 +21,7 @@ from ..models import SelectiveLM, disable_dropout, frozen_dtype, load_tokenizer
 from ..rewards import REWARD_MODEL_NAME, functions, score_completions
 from ..rollout import Rollout, make_generator
 from .loop import Run
+from .outputs import save_pretrained
 from .rl import Reference, RLSetup
 
 Tensor = torch.Tensor
@@ -141,8 +142,8 @@ class RewardModelTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def save(self, path: str) -> None:
-        self.scorer.model.save_pretrained(path, safe_serialization=True)
-        self.scorer.tokenizer.save_pretrained(path)
+        """The trained reward model and its tokenizer in `path`, each file renamed into place whole."""
+        save_pretrained(self.scorer.model, path, self.scorer.tokenizer, None, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

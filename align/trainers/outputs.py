@@ -38,7 +38,7 @@ def save_pretrained(module: nn.Module, output_dir: str, tokenizer, full: dict[st
     `full` (see :func:`gathered_state`), the module's weights are its entries under `prefix`."""
     kw = {"state_dict": {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}} if full else {}
     try:
-        with _files_renamed_into(output_dir) as tmp:
+        with files_renamed_into(output_dir) as tmp:
             module.save_pretrained(tmp, safe_serialization=True, **kw)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -66,7 +66,7 @@ _WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model", "adapter_mod
 
 
 @contextlib.contextmanager
-def _files_renamed_into(output_dir: str):
+def files_renamed_into(output_dir: str):
     """A temporary folder inside `output_dir` whose files are renamed into `output_dir` once the body is done:
     a run killed while saving leaves no partly written file, and the files that make a folder look like a
     model (config.json, adapter_config.json) arrive last."""
