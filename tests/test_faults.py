@@ -134,11 +134,8 @@ def test_full_disk_while_checkpointing_is_one_line_and_leaves_nothing_half_writt
 # SIGTERM / SIGINT: a resumable stop
 
 
-def test_sigterm_stops_resumably_and_resume_is_bit_exact(tiny_model_dir, sft_file, tmp_path):
-    args = ["--max_steps", "300", "--lr_scheduler_type", "cosine", "--warmup_steps", "3"]
-    out = tmp_path / "stopped"
-    argv = [sys.executable, "-m", "align.cli", "sft", "--model", tiny_model_dir, "--train_data", sft_file,
-            "--output_dir", str(out), *SFT, *args]
+def start_until_first_step(argv: list[str], out) -> subprocess.Popen:
+    """Start a run in a subprocess and return once its metrics.jsonl has a line (its first step is done)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
@@ -146,6 +143,15 @@ def test_sigterm_stops_resumably_and_resume_is_bit_exact(tiny_model_dir, sft_fil
     while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    return proc
+
+
+def test_sigterm_stops_resumably_and_resume_is_bit_exact(tiny_model_dir, sft_file, tmp_path):
+    args = ["--max_steps", "300", "--lr_scheduler_type", "cosine", "--warmup_steps", "3"]
+    out = tmp_path / "stopped"
+    argv = [sys.executable, "-m", "align.cli", "sft", "--model", tiny_model_dir, "--train_data", sft_file,
+            "--output_dir", str(out), *SFT, *args]
+    proc = start_until_first_step(argv, out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -194,13 +200,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_model_
     out = tmp_path / "ddp"
     argv = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29657", "-m", "align.cli", "sft", "--model",
             tiny_model_dir, "--train_data", sft_file, "--output_dir", str(out), *SFT, "--max_steps", "300"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_until_first_step(argv, out)
     workers = _worker_pids(proc.pid)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGTERM)  # only rank 1 hears it; rank 0 learns it from the per-step all-reduce
