@@ -315,9 +315,9 @@ def make_parser(cls: type, prog: str, description: str = "") -> argparse.Argumen
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         rule = rule_text(f.metadata)
-        groups[_GROUP_OF.get(f.name, own)].add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_type_name(f).upper(),
-                           help=f"{f.metadata.get('help', '')} (default: {shown!r}{'; ' + rule if rule else ''})"
-                           .replace("%", "%%"))
+        text = f"{f.metadata.get('help', '')} (default: {shown!r}{'; ' + rule if rule else ''})"
+        groups[_GROUP_OF.get(f.name, own)].add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS,
+                                                        metavar=_type_name(f).upper(), help=text.replace("%", "%%"))
     return p
 
 
@@ -561,7 +561,8 @@ class GRPOConfig(RLConfig):
     rm_replay_data: str = _f("", "Original comparisons (prompt+chosen+rejected or ranked responses; comma-"
                                  "separated files) replayed in every reward-model update.")
     rm_replay_ratio: float = _f(0.1, "Fraction of each reward-model update's comparisons drawn from "
-                                     "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).", ge=0, lt=1)
+                                     "rm_replay_data (DeepSeekMath replays 10% historical data); in [0, 1).",
+                                ge=0, lt=1)
     rm_learning_rate: float = _f(1e-5, "Learning rate of the reward model's AdamW during rm_update.", gt=0)
 
 
@@ -624,6 +625,7 @@ class OnlineDPOConfig(RLConfig):
                                    "(see `align dpo --help`).",
                         choices=("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"))
     beta: float = _f(0.1, "Temperature beta of the implicit reward beta*log(pi/pi_ref) (as in `align dpo`).", gt=0)
-    label_smoothing: float = _f(0.0, "Probability that a pair's label is flipped (sigmoid, robust); in [0, 0.5).", ge=0, lt=0.5)
+    label_smoothing: float = _f(0.0, "Probability that a pair's label is flipped (sigmoid, robust); in [0, 0.5).",
+                                ge=0, lt=0.5)
     simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (loss_type=simpo).", ge=0)
     rpo_alpha: float = _f(0.0, "Weight of the chosen completion's mean token NLL added to the loss; 0: off.", ge=0)

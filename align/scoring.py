@@ -130,8 +130,8 @@ class RewardModelScorer:
         bad = next((i for i, r in enumerate(scores) if not math.isfinite(r)), None)
         if bad is not None:
             raise AlignError(f"reward model {self.path}: score {scores[bad]} for prompt "
-                             f"{short_repr(prompts[bad], 80)}, completion {short_repr(completions[bad], 80)} (check its weights, or its dtype: "
-                             f"float16 overflows easily)")
+                             f"{short_repr(prompts[bad], 80)}, completion {short_repr(completions[bad], 80)} "
+                             f"(check its weights, or its dtype: float16 overflows easily)")
         return scores
 
 

@@ -153,7 +153,8 @@ class Run:
                 yield item
 
     def step_over_examples(self, step: int, num_examples: int, model: nn.Module,
-                           loss_fn: Callable[[list[int]], tuple[torch.Tensor, Any]], stats: Any) -> tuple[dict, Any, int]:
+                           loss_fn: Callable[[list[int]], tuple[torch.Tensor, Any]], stats: Any
+                           ) -> tuple[dict, Any, int]:
         """One optimizer step over the global batch of `step` in which every example weighs 1/global batch (the
         comparison stages): ``loss_fn(indices)`` gives a micro-batch's summed loss and its statistics (a
         ``comparisons.Sums``). Returns (the optimizer's metrics, the statistics summed over micro-batches and

@@ -23,7 +23,7 @@ from ..evaluate import greedy_eval
 from ..losses import explained_variance, masked_mean
 from ..models import (SelectiveLM, disable_dropout, frozen_dtype, load_causal_lm, load_tokenizer, load_trained_lm,
                       sync_special_tokens)
-from ..rewards import functions, reward_sources
+from ..rewards import check_reward_columns, functions, reward_sources
 from ..rollout import (Rollout, completion_logprobs, generate, group_completion_logprobs, make_generator,
                        make_rollout)
 from .checkpoints import check_output_dir
@@ -75,8 +75,7 @@ def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     rows = read_rows(cfg.train_data, cfg.train_split, cfg.column_map)
     data = load_prompt_data(rows, tokenizer, cfg.max_length, cfg.max_new_tokens)
-    from ..rewards import check_reward_columns  # the columns each reward function needs, with file, row and field
-
+    # the columns each reward function needs, reported with file, row and field
     check_reward_columns([*cfg.reward_funcs, *cfg.gold_reward_funcs, *getattr(cfg, "rm_label_funcs", [])], rows)
     eval_rows, eval_funcs = None, []
     if cfg.eval_data:
