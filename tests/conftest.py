@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +19,20 @@ import torch  # noqa: E402
 # Tiny models (hidden <= 64) run fastest on one thread, and one thread per process keeps the suite from
 # oversubscribing a 2-core machine when a test starts subprocesses.
 torch.set_num_threads(1)
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+
+
+def run_torchrun(port: int, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m align.cli ARGS` on CPU (gloo), one thread per process; fails the test with
+    the end of stderr when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m", "align.cli", *args],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
 
 
 def write_jsonl(path, rows) -> str:

@@ -1,29 +1,22 @@
 """Two CPU processes (torchrun, gloo) give the same weights as one process with twice the accumulation."""
 
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
 from safetensors.torch import load_file
 
-from conftest import addition_rows, write_jsonl
+from conftest import addition_rows, needs_torchrun, run_torchrun, write_jsonl
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@needs_torchrun
 def test_ddp_two_processes_equal_single_process_double_accumulation(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", addition_rows(48, seed=7))
     common = ["sft", "--model", tiny_model_dir, "--train_data", data, "--max_steps", "3", "--learning_rate", "1e-3",
               "--per_device_train_batch_size", "4", "--max_length", "32", "--disable_tqdm", "true",
               "--lr_scheduler_type", "cosine"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29631", "-m", "align.cli", *common,
-                          "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    run_torchrun(29631, *common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ddp"))
     one = subprocess.run([sys.executable, "-m", "align.cli", *common, "--gradient_accumulation_steps", "4",
                           "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
                          timeout=300)

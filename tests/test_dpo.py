@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from align.comparisons import best_worst_pairs, collate_logps, response_logps, t
 from align.data import Rows
 from align.losses import DPO_LOSSES, REFERENCE_FREE_DPO_LOSSES, dpo_loss
 from align.models import SelectiveLM, load_causal_lm, load_tokenizer
-from conftest import addition_rows, read_metrics, write_jsonl
+from conftest import addition_rows, needs_torchrun, read_metrics, run_torchrun, write_jsonl
 
 
 def nls(x: float) -> float:  # -log sigmoid(x)
@@ -251,17 +249,11 @@ def test_dpo_resumes_exactly(tiny_model_dir, files, tmp_path):
     assert all(torch.equal(full_w[k], weights(out)[k]) for k in full_w)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
+@needs_torchrun
 def test_two_processes_equal_one_process_with_double_accumulation(tiny_model_dir, files, tmp_path):
     common = ["dpo", "--model", tiny_model_dir, "--train_data", files["prefs"], "--max_steps", "2",
               "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", *BASE]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29637", "-m", "align.cli", *common,
-                          "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    run_torchrun(29637, *common, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ddp"))
     assert main([*common, "--gradient_accumulation_steps", "4", "--output_dir", str(tmp_path / "one")]) == 0
     assert max_diff(weights(tmp_path / "ddp"), weights(tmp_path / "one")) < 1e-6
     # the reference cache was computed in chunks spread over the two processes: the same values

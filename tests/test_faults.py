@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from align.cli import main
 from align.trainers import checkpoints as C
 from align.trainers import signals as S
-from conftest import addition_rows, read_metrics, write_jsonl
+from conftest import TORCHRUN, addition_rows, read_metrics, write_jsonl
 
 SFT = ["--max_length", "32", "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "5",
        "--learning_rate", "1e-3", "--per_device_train_batch_size", "4"]
@@ -174,7 +174,6 @@ def test_sigterm_stops_resumably_and_resume_is_bit_exact(tiny_model_dir, sft_fil
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(full)]
 
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
