@@ -146,18 +146,36 @@ def filter_logits(z: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                greedy: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                greedy: bool = False, generator: torch.Generator | None = None,
+                uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One token per row and its log-probability under ``softmax(logits / temperature)``.
 
-    Shapes: logits (B, V) → (tokens (B,) long, logprobs (B,) float32). Greedy takes the argmax."""
+    Shapes: logits (B, V) → (tokens (B,) long, logprobs (B,) float32). Greedy takes the argmax. ``uniform`` (B,)
+    in [0, 1): the row's own random number, turned into a token by inverting the cumulative distribution (so a
+    row's token depends on its logits and its number only, not on the other rows of the batch); without it a
+    number per row is drawn from ``generator``."""
     z = logits.float() / temperature
     logp = torch.log_softmax(z, dim=-1)
     if greedy:
         tok = z.argmax(-1)
     else:
         probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if uniform is None:
+            uniform = torch.rand(probs.shape[0], generator=generator, device=generator.device if generator
+                                 is not None else probs.device).to(probs.device)
+        tok = inverse_cdf(probs, uniform)
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+
+def inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
+    """The token of each row whose cumulative probability interval holds ``uniform · total``: a draw from the
+    row's distribution for ``uniform`` ~ U[0, 1). (B, V), (B,) → (B,) long. A token of probability 0 is never
+    drawn (its interval is empty); the rounding case at the very top falls back to the most likely token."""
+    cdf = probs.cumsum(-1)
+    x = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    tok = torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    empty = probs.gather(-1, tok.unsqueeze(-1)).squeeze(-1) <= 0
+    return torch.where(empty, probs.argmax(-1), tok)
 
 
 def make_generator(device: torch.device | str, *key: Any) -> torch.Generator:
@@ -169,11 +187,20 @@ def make_generator(device: torch.device | str, *key: Any) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def completion_uniforms(n: int, max_new_tokens: int, *key: Any, first: int = 0) -> Tensor:
+    """(n, max_new_tokens) float32 uniform numbers on the CPU: row i is the random stream of completion
+    ``first + i``, seeded from ``(*key, first + i)`` alone. Keyed by (seed, step, global index of the completion),
+    a completion is drawn the same whichever process samples it and whatever else is in its batch: one process
+    with gradient accumulation and N processes sample the same rollouts."""
+    return torch.stack([torch.rand(max_new_tokens, generator=make_generator("cpu", *key, first + i))
+                        for i in range(n)]) if n else torch.zeros(0, max_new_tokens)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None,
              pad_id: int = 0, generator: torch.Generator | None = None, num_return_sequences: int = 1,
-             greedy: bool = False) -> Samples:
+             greedy: bool = False, uniforms: Tensor | None = None) -> Samples:
     """Sample completions with a KV cache, keeping each sampled token's log-probability.
 
     ``model`` is a transformers causal LM (or a peft wrapper of one). ``prompt_ids``/``prompt_mask`` (B, P) are
@@ -181,6 +208,10 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
     prefilled once; with ``num_return_sequences = G`` its cache is then repeated G times, giving B·G rows in
     prompt order (rows ``[i·G, (i+1)·G)`` belong to prompt i). Generation stops when every row has emitted
     ``eos_id`` or after ``max_new_tokens``; tokens after a row's EOS are ``pad_id`` with mask 0 and logprob 0.
+
+    Randomness: ``uniforms`` (B·G, max_new_tokens), the random number of each output row at each step
+    (:func:`completion_uniforms`), or numbers drawn from ``generator``; either way the token of row i at step t is
+    a function of that row's logits and ``uniforms[i, t]`` alone (:func:`inverse_cdf`).
 
     Returns `Samples` with prompt tensors (B·G, P) and completion tensors (B·G, C), C ≤ max_new_tokens.
     """
@@ -201,11 +232,18 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
         logits, mask, next_pos = (x.repeat_interleave(g, dim=0) for x in (logits, mask, next_pos))
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, dim=0), prompt_mask.repeat_interleave(g, dim=0)
     n = logits.shape[0]
+    if not greedy:
+        if uniforms is None:
+            uniforms = torch.rand(n, max_new_tokens, generator=generator,
+                                  device=generator.device if generator is not None else "cpu")
+        if tuple(uniforms.shape) != (n, max_new_tokens):
+            raise ValueError(f"uniforms has shape {tuple(uniforms.shape)}, expected {(n, max_new_tokens)}")
+        uniforms = uniforms.to(logits.device)
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     tokens, logps, valid = [], [], []
     temp = 1.0 if greedy and temperature <= 0 else temperature
     for t in range(max_new_tokens):
-        tok, lp = sample_next(logits, temp, top_k, top_p, greedy, generator)
+        tok, lp = sample_next(logits, temp, top_k, top_p, greedy, uniform=None if greedy else uniforms[:, t])
         alive = ~done
         tokens.append(torch.where(alive, tok, torch.full_like(tok, pad_id)))
         logps.append(torch.where(alive, lp, torch.zeros_like(lp)))

@@ -152,7 +152,11 @@ def test_prompt_once_training_forward_equals_the_full_forward(arch, tmp_path):
                            intermediate_size=64)
     tok, model = load_tokenizer(path), load_causal_lm(path)
     ids, att = left_pad([encode_prompt(tok, p) for p in ["What is 1+2?", "Hi", "What is 33+44?"]], tok.pad_token_id)
-    eos = 20  # a common token of the random model, so that some completions end early
+    free = generate(model, ids, att, 5, eos_id=None, pad_id=tok.pad_token_id, generator=make_generator("cpu", 1),
+                    num_return_sequences=3)
+    # the second token of row 0 as EOS: the same random numbers end row 0 early (each row's tokens depend on its
+    # own numbers), and rows that never draw it run to 5 tokens
+    eos = int(free.completion_ids[0, 1])
     s = generate(model, ids, att, 5, eos_id=eos, pad_id=tok.pad_token_id, generator=make_generator("cpu", 1),
                  num_return_sequences=3)
     r = Rollout(**vars(s), group_size=3)
