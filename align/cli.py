@@ -7,6 +7,7 @@ The stages are the rows of `align.stages.STAGES`: a config dataclass and the fun
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from . import __version__
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if isinstance(result, dict):
+    if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # one copy from a multi-process launch
         print(json.dumps({k: v for k, v in result.items() if not str(k).startswith("_")}, indent=2, default=str))
     return 0
 

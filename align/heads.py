@@ -31,7 +31,7 @@ from torch import nn
 from .config import AlignError
 from .data import position_ids_from_mask
 from .models import (_has_safetensors, _is_adapter_dir, _load_failure, _record_source, adapter_base, apply_lora,
-                     check_model_path, inner_model, make_trainable, unwrap_peft)
+                     check_model_path, inner_model, make_trainable, no_split_modules, unwrap_peft)
 
 SCORE_MODULE = "score"
 
@@ -149,6 +149,11 @@ class ScalarModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The wrapped model's block classes (FSDP's transformer auto-wrap shards them)."""
+        return no_split_modules(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, per_token: bool = False,

@@ -241,6 +241,18 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def no_split_modules(*models: nn.Module | None) -> list[str]:
+    """The union of the transformers models' ``_no_split_modules`` (their block classes), through align's and
+    peft's wrappers: wrapper modules report them so that FSDP's transformer auto-wrap finds the blocks."""
+    out: list[str] = []
+    for m in models:
+        if m is None:
+            continue
+        names = getattr(unwrap_peft(inner_model(m)), "_no_split_modules", None) or []
+        out += [n for n in names if n not in out]
+    return out
+
+
 def inner_model(model: nn.Module) -> nn.Module:
     """The transformers model inside its wrappers: DDP/DeepSpeed ``.module``, align's SelectiveLM / ScalarModel
     ``.model``, peft."""
@@ -282,6 +294,11 @@ class SelectiveLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The transformer block classes of the wrapped model: what FSDP's auto-wrap shards one by one."""
+        return no_split_modules(self.model)
 
     def forward(self, input_ids: torch.Tensor, select: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -142,11 +142,16 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, diversity_data, tmp_
 
     monkeypatch.setattr(rf, "psi_rollout", spy_rollout)
     monkeypatch.setitem(POLICY_LOSSES, "reinforce", spy_loss)
+    from align.tiny import save_tiny_model
+
     prompts, reward = diversity_data
     out = str(tmp_path / "o")
+    # a reference other than the starting policy, so that the KL term of the rewards is not zero
+    ref = save_tiny_model(tmp_path / "ref", arch="llama", hidden_size=32, num_layers=2, num_heads=4,
+                          intermediate_size=64, seed=1)
     assert main(["reinforce", "--model", tiny_model_dir, "--train_data", prompts, "--output_dir", out, *BASE,
                  "--max_steps", "1", "--reward_funcs", reward, "--num_generations", "3", "--baseline", "group_mean",
-                 "--gamma", "0.9", "--beta", "0.5", "--kl_estimator", "k1"]) == 0
+                 "--gamma", "0.9", "--beta", "0.5", "--kl_estimator", "k1", "--ref_model", ref]) == 0
     r = seen["rollout"]
     m = r.completion_mask.bool()
     kl = torch.where(m, r.logprobs - r.ref_logprobs, torch.zeros_like(r.logprobs))
@@ -161,7 +166,7 @@ def test_psi_of_a_real_run_reaches_the_loss(tiny_model_dir, diversity_data, tmp_
     torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
     assert got.abs().sum() > 0
     row = read_metrics(out)[0]
-    assert row["kl"] != 0.0 and "policy_loss" in row and "entropy" in row and "grad_norm" in row
+    assert abs(row["kl"]) > 1e-3 and "policy_loss" in row and "entropy" in row and "grad_norm" in row
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     after = load_file(os.path.join(out, "model.safetensors"))
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 0

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AlignError
 from ..heads import load_trained_scalar_model, token_values
-from ..models import SelectiveLM, disable_dropout, lm_parts
+from ..models import SelectiveLM, disable_dropout, lm_parts, no_split_modules
 from ..rollout import Rollout, scatter_tokens, sequence_inputs
 from .loop import Run
 from .outputs import files_renamed_into, gathered_state, push_final, save_model
@@ -35,6 +35,11 @@ class PolicyAndValue(nn.Module):
         self.policy = SelectiveLM(policy)
         self.critic = critic
         self.value_head = value_head
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The block classes of the policy and the critic (FSDP's transformer auto-wrap shards them)."""
+        return no_split_modules(self.policy.model, self.critic)
 
     def forward(self, input_ids: Tensor, select: Tensor, attention_mask: Tensor,
                 position_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..advantages import group_reward_std, grpo_advantages, token_kl, zero_std_group_fraction
 from ..config import AlignError, GRPOConfig
-from ..data import split_evenly
 from ..losses import LOSS_TYPES, POLICY_LOSSES, aggregate_count, entropy_from_logits
 from ..models import GroupLM
 from ..rollout import Rollout, logprobs_from_selected, sequence_inputs
@@ -88,11 +87,10 @@ class GRPOStep:
     def __call__(self, step: int) -> dict[str, float]:
         cfg, run = self.cfg, self.run
         ref_updated = self.keeper.maybe_reset(step) if self.keeper is not None else False
-        r = self.sampler(step, run.unwrap().model)
+        r = self.sampler(step, run.unwrap().model)  # the whole step's rollout, on every process
         g = r.group_size
-        rewards = run.gather(r.rewards)  # every process's, in order
-        adv_all = grpo_advantages(rewards, g, cfg.advantage, cfg.scale_rewards, cfg.softmax_beta)
-        adv = adv_all[run.rank * len(r):(run.rank + 1) * len(r)]
+        rewards = r.rewards
+        adv = grpo_advantages(rewards, g, cfg.advantage, cfg.scale_rewards, cfg.softmax_beta)
         with run.timer("training"):
             train_stats = self.update(step, r, adv)
         run.scheduler.step()
@@ -113,15 +111,14 @@ class GRPOStep:
         return out
 
     def update(self, step: int, r: Rollout, adv: Tensor) -> dict[str, float]:
-        """num_iterations optimizer updates, each over every completion of the step in
-        gradient_accumulation_steps micro-batches (exact accumulation: the loss's denominator is the count over
-        the whole step's batch, all processes)."""
+        """num_iterations optimizer updates, each over the completions of the step that can carry a gradient,
+        this process's share in gradient_accumulation_steps micro-batches (`Run.shares`; exact accumulation: the
+        loss's denominator is the count over the whole step's batch)."""
         cfg, run = self.cfg, self.run
-        (n_items,) = run.reduce_sum([float(aggregate_count(r.completion_mask, self.agg))])
-        num_items = max(n_items, 1.0) / run.world
-        # single process: skip completions that carry no gradient (under DDP every process must run backward)
-        rows = rows_with_gradient(adv, cfg.beta) if run.world == 1 else torch.arange(len(r), device=adv.device)
-        micro = [c for c in split_evenly(rows, cfg.gradient_accumulation_steps) if len(c)]
+        n_items = float(aggregate_count(r.completion_mask, self.agg))
+        num_items = max(n_items, 1.0) / run.world  # DDP / FSDP average the processes' gradients
+        rows = rows_with_gradient(adv, cfg.beta)  # completions with no gradient are left out (see the module doc)
+        micro = run.shares(rows, cfg.gradient_accumulation_steps)
         token_stats = ("clip_frac", "approx_kl", "ratio_mean")
         sums: dict[str, float] = {}
         n_tok = 0.0
@@ -129,20 +126,21 @@ class GRPOStep:
         lr = run.scheduler.get_last_lr()[0]
         self.model.train()
         for it in range(cfg.num_iterations):
-            for idx in run.accumulate(micro):
-                stats, n_valid = self._micro_step(r, idx, adv, num_items, with_entropy=it == 0)
+            # a step where nothing carries gradient still runs (weight-0 micro-batches) and steps the optimizer on
+            # a zero gradient, as without skipping (AdamW moves by its momentum)
+            for idx, weight in run.accumulate(micro):
+                stats, n_valid = self._micro_step(r, idx, adv, num_items, it == 0, weight)
                 for key, v in stats.items():
                     w = n_valid if key in token_stats or key == "entropy" else 1.0
-                    sums[key] = sums.get(key, 0.0) + float(v) * w
+                    sums[key] = sums.get(key, 0.0) + float(v) * w * weight
                 if it == 0:
-                    n_tok += n_valid
-            if not micro:  # nothing carries gradient: the optimizer still steps on a zero gradient, as without
-                for p in self.model.parameters():  # skipping (AdamW moves by its momentum)
-                    if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
+                    n_tok += n_valid * weight
             norms.append(run.optimizer_step(schedule=False).get("grad_norm"))
         self.model.eval()
         mu = cfg.num_iterations
+        keys = sorted(sums)  # the same on every process: each runs the same number of micro-batches
+        totals = run.reduce_sum([sums[k] for k in keys] + [n_tok])
+        sums, n_tok = dict(zip(keys, totals[:-1])), totals[-1]
         out = {}
         for key, v in sums.items():
             if key == "entropy":
@@ -150,7 +148,7 @@ class GRPOStep:
             elif key in token_stats:
                 out[key] = v / max(n_tok * mu, 1.0)
             else:
-                out[key] = v / mu  # micro-batch losses sum to the batch's loss
+                out[key] = v / mu / run.world  # micro-batch losses (over N / processes) sum to the batch's loss
         out["loss"] = out.get("policy_loss", 0.0) + cfg.beta * out.get("kl_penalty", 0.0)
         out["learning_rate"] = lr
         if norms and norms[0] is not None:
@@ -158,8 +156,8 @@ class GRPOStep:
         out["trained_frac"] = float(len(rows)) / max(len(r), 1)
         return out
 
-    def _micro_step(self, r: Rollout, idx: Tensor, adv: Tensor, num_items: float,
-                    with_entropy: bool) -> tuple[dict[str, Tensor], float]:
+    def _micro_step(self, r: Rollout, idx: Tensor, adv: Tensor, num_items: float, with_entropy: bool,
+                    weight: float = 1.0) -> tuple[dict[str, Tensor], float]:
         cfg = self.cfg
         sub, first, prompt_index = group_inputs(r, idx, r.group_size)
         if self.prompt_once and len(first) < len(idx):
@@ -175,7 +173,7 @@ class GRPOStep:
             logp, sub.logprobs, adv[idx.to(adv.device)], sub.completion_mask, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high or None, agg=self.agg, max_len=cfg.max_new_tokens, num_items=num_items,
             beta=cfg.beta, ref_logp=sub.ref_logprobs, kl_estimator=cfg.kl_estimator)
-        self.run.backward(loss)
+        self.run.backward(loss * weight)
         if with_entropy:
             with torch.no_grad():
                 z = logits.detach().float()

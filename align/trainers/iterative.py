@@ -15,7 +15,7 @@ from torch import nn
 
 from ..comparisons import Comparison, batch_loss, collate, group_comparisons, tokenize_comparisons
 from ..config import AlignError
-from ..data import read_rows
+from ..data import read_rows, split_evenly
 from ..heads import ScalarModel
 from ..models import SelectiveLM, disable_dropout, frozen_dtype, load_tokenizer
 from ..rewards import REWARD_MODEL_NAME, functions, score_completions
@@ -30,8 +30,32 @@ Tensor = torch.Tensor
 # the reference reset
 
 
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The module's state dict with every sharded entry (FSDP2's DTensors) gathered whole: a collective call when
+    the module is sharded, so every process makes it."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()}
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def merged_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A frozen copy of a causal LM with its LoRA adapter (if any) merged into the weights."""
+    """A frozen, whole (unsharded) copy of a causal LM with its LoRA adapter (if any) merged into the weights.
+    Under FSDP2 a collective call."""
+    if is_sharded(policy):
+        if hasattr(policy, "merge_and_unload"):
+            raise AlignError("ref_update_every with use_lora is not supported under FSDP (the merged reference "
+                             "cannot be copied from sharded adapters); use DDP, or full weights")
+        from transformers import AutoModelForCausalLM
+
+        snap = AutoModelForCausalLM.from_config(policy.config)
+        snap.load_state_dict(full_state_dict(policy))
+        return snap.to(dtype).eval().requires_grad_(False)
     snap = copy.deepcopy(policy)
     if hasattr(snap, "merge_and_unload"):
         snap = snap.merge_and_unload()
@@ -56,7 +80,7 @@ class ReferenceKeeper:
         ref = self.reference
         plain = not hasattr(self.policy, "merge_and_unload")
         if state is None and plain and ref.lm is not None and self.replaced:
-            ref.lm.model.load_state_dict(self.policy.state_dict())  # in place: no new allocation
+            ref.lm.model.load_state_dict(full_state_dict(self.policy))  # in place: no new allocation
         else:
             model = merged_copy(self.policy, self.dtype)
             if state is not None:
@@ -83,9 +107,10 @@ class RewardModelTrainer:
 
     Each step: comparisons from the step's groups (:func:`align.comparisons.group_comparisons` on the
     rm_label_funcs scores, RM token ids of prompt + completion + EOS), plus replayed original comparisons —
-    ``round(n·ratio/(1 − ratio))`` drawn with a generator seeded by (seed, step, rank) — make one Bradley–Terry
-    AdamW step, each comparison weighing the same (:func:`align.losses.comparison_loss`). Gradients are summed
-    over processes (the loss is divided by the global number of comparisons). The scorer keeps scoring with the
+    ``round(n·ratio/(1 − ratio))`` drawn with a generator seeded by (seed, step) — make one Bradley–Terry
+    AdamW step, each comparison weighing the same (:func:`align.losses.comparison_loss`). Each process computes
+    the loss of its share of the comparisons; gradients are summed over processes (the loss is divided by the
+    number of comparisons), so the update does not depend on the number of processes. The scorer keeps scoring with the
     updated weights."""
 
     def __init__(self, scorer, label_sources: dict, replay: list, replay_ratio: float, lr: float, run: Run,
@@ -106,17 +131,20 @@ class RewardModelTrainer:
         return out
 
     def __call__(self, step: int, r: Rollout) -> dict[str, float]:
+        """One update on the comparisons of the step's whole rollout `r` (the same on every process) and the
+        replayed ones; each process computes the loss of its share (an even split), the gradients are summed."""
         run = self.run
         new = self.comparisons(r)
         n_replay = 0
         if new and self.replay and self.ratio > 0:
             n_replay = int(round(len(new) * self.ratio / (1.0 - self.ratio)))
-        g = make_generator("cpu", self.seed, step, run.rank, "rm_replay")
+        g = make_generator("cpu", self.seed, step, "rm_replay")
         picks = torch.randint(len(self.replay), (n_replay,), generator=g).tolist() if n_replay else []
-        comps = new + [self.replay[i] for i in picks]
-        n_new, n_all = run.reduce_sum([float(len(new)), float(len(comps))])
+        everything = new + [self.replay[i] for i in picks]
+        n_new, n_all = float(len(new)), float(len(everything))
         if n_new == 0:
             return {"rm_new_comparisons": 0.0, "rm_replay_comparisons": 0.0}
+        comps = split_evenly(everything, run.world)[run.rank]
         model = self.net
         model.train()
         model.requires_grad_(True)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import AlignError, to_dict
-from ..data import global_batch_indices, split_micro_batches
+from ..data import global_batch_indices, split_evenly, split_micro_batches
 from ..export import check_hub
 from ..models import resolve_dtype
 from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -74,6 +75,28 @@ def make_optimizer(params: list[tuple[str, nn.Parameter]], cfg, lr: float | None
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=True)
 
 
+def fsdp_on_cpu(accelerator) -> None:
+    """Honour an FSDP launch (``accelerate launch`` with an FSDP config sets ACCELERATE_USE_FSDP) on CPU processes
+    (gloo): accelerate turns FSDP on for accelerator devices only and would silently run plain data parallel.
+    torch's FSDP2 (``fully_shard``) runs on CPU, so the run is switched to it here; FSDP1 is refused."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    if (accelerator.distributed_type != DistributedType.MULTI_CPU
+            or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise AlignError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 has no CPU "
+                         "support); see recipes/accelerate/fsdp_cpu.yaml")
+    from accelerate.state import PartialState
+
+    # both shared states: AcceleratorState copies PartialState's whenever it is constructed again
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
 class Run:
     """One training run: the accelerator, the trained module, its optimizer and schedule, logging and
     checkpoints. Stages build their models, then call `prepare`, then `train`."""
@@ -91,6 +114,7 @@ class Run:
         check_hub(cfg)
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
                                        log_with=tracker_objects(self.trackers, cfg.output_dir) or None)
+        fsdp_on_cpu(self.accelerator)
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -114,7 +138,20 @@ class Run:
         # process), and checkpointed through register_for_checkpointing.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup,
                                                                                  max_steps))
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed reads its micro-batch size from a dataloader, which align does not prepare
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.is_main and self.world > 1:
+            print(f"{self.stage}: {self.world} processes, {self.strategy}", file=sys.stderr, flush=True)
+        if self.fsdp2:
+            # FSDP2 sets up its units at the first forward of the root; the RL stages' first forward is generation
+            # on a submodule (the policy), which would make a block think it is the root
+            self.model._get_fsdp_state()._lazy_init()
         self.accelerator.register_for_checkpointing(self.scheduler)
         if extra_state is not None:
             self.accelerator.register_for_checkpointing(extra_state)
@@ -144,6 +181,21 @@ class Run:
         gradient_accumulation_steps micro-batches of it)."""
         indices = global_batch_indices(step, num_examples, self.global_batch, self.cfg.seed)
         return indices, split_micro_batches(indices, self.world, self.rank, self.cfg.gradient_accumulation_steps)
+
+    def shares(self, rows: torch.Tensor, accumulation: int) -> list[tuple[torch.Tensor, float]]:
+        """This process's `accumulation` micro-batches of one update over `rows` (global row indices of a batch
+        every process holds, the same list on each), as (indices, weight) pairs.
+
+        The rows are cut into processes × accumulation contiguous chunks and chunk c goes to process
+        c % processes (as `micro_batches` does for data), so one process with N times the accumulation sums the
+        gradients of the same rows as N processes. A chunk left empty (fewer rows than chunks) becomes row 0 with
+        weight 0: every process runs the same number of forwards and backwards, which DDP's all-reduce and
+        FSDP's all-gathers need. Multiply the micro-batch's loss by its weight."""
+        chunks = self.world * accumulation
+        parts = split_evenly(rows, chunks)
+        dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
+        return [(parts[c], 1.0) if len(parts[c]) else (dummy, 0.0)
+                for c in range(chunks) if c % self.world == self.rank]
 
     def accumulate(self, micro: Sequence[Any]) -> Iterator[Any]:
         """The gradient-accumulation loop: yields each micro-batch with the gradient all-reduce skipped until the
@@ -232,8 +284,71 @@ class Run:
         return {k: v / self.world for k, v in zip(names, summed)}
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every process's `t` concatenated in process order (the tensor itself on one process)."""
-        return self.accelerator.gather(t) if self.world > 1 else t
+        """Every process's `t` concatenated in process order (the tensor itself on one process). The first
+        dimension may differ between processes; the others must not."""
+        if self.world == 1:
+            return t
+        sizes = self.accelerator.gather(torch.tensor([t.shape[0]], device=self.device)).tolist()
+        top = max(sizes)
+        if top != t.shape[0]:
+            t = torch.cat([t, t.new_zeros((top - t.shape[0], *t.shape[1:]))])
+        flag = t.dtype == torch.bool  # gloo gathers no bool tensors
+        out = self.accelerator.gather(t.long() if flag else t)
+        out = torch.cat([out[k * top:k * top + n] for k, n in enumerate(sizes)])
+        return out.bool() if flag else out
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every process's list concatenated in process order (picklable items)."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Inside, the trained module's weights are whole on every process: under FSDP2 each sharded unit is
+        gathered once on entry and sharded again on exit, instead of once per forward. For work that runs many
+        forwards outside training (generation: one forward per token) or calls submodules directly (the policy
+        of a policy-and-critic module, evaluation). Every process must enter (the gathers are collectives). A
+        no-op without FSDP2."""
+        if not self.fsdp2 or self.model is None:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        reshard = self.accelerator.state.fsdp_plugin.reshard_after_forward
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(reshard, recurse=False)
+
+    @property
+    def strategy(self) -> str:
+        """How the trained module is spread over processes: DDP, FSDP2, FSDP1, DeepSpeed ZeRO-k or single."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            return "FSDP2" if self.fsdp2 else "FSDP1"
+        if kind == DistributedType.DEEPSPEED:
+            return f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
+        return "DDP" if self.world > 1 else "single process"
+
+    @property
+    def fsdp2(self) -> bool:
+        """Whether the trained module is sharded by FSDP2 (accelerate's fsdp_version 2)."""
+        from accelerate.utils import DistributedType
+
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return (self.accelerator.distributed_type == DistributedType.FSDP and plugin is not None
+                and getattr(plugin, "fsdp_version", 1) == 2)
 
     @contextlib.contextmanager
     def timer(self, name: str):

@@ -24,11 +24,12 @@ its adapter disabled); simpo and orpo load none.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..comparisons import PreferenceStats, best_worst_pairs
 from ..config import AlignError, OnlineDPOConfig
-from ..data import split_evenly
 from ..losses import REFERENCE_FREE_DPO_LOSSES, dpo_args_problem, dpo_loss
 from ..models import GroupLM
 from ..rollout import Rollout, group_completion_logprobs, logprobs_from_selected, sequence_inputs
@@ -72,30 +73,30 @@ class OnlineDPOStep:
 
     def __call__(self, step: int) -> dict[str, float]:
         cfg, run = self.cfg, self.run
-        r = self.sampler(step, run.unwrap().model)
+        r = self.sampler(step, run.unwrap().model)  # the whole step's rollout, on every process
         better, worse = best_worst_pairs(r.rewards, r.group_size)
-        (global_pairs,) = run.reduce_sum([float(len(better))])
+        global_pairs = float(len(better))
         with run.timer("training"):
             out, kl_sum = self.update(r, better, worse, global_pairs)
-        kl_sum, kl_n = run.reduce_sum([kl_sum, 2.0 * len(better)])
-        metrics = rollout_metrics(run, r, pair_frac=torch.tensor(len(better) / max(len(r) // r.group_size, 1)))
+        (kl_sum,) = run.reduce_sum([kl_sum])
+        kl_n = 2.0 * len(better)
+        metrics = rollout_metrics(run, r)
+        metrics["pair_frac"] = len(better) / max(len(r) // r.group_size, 1)
         metrics.update(out)
         metrics.update(pairs=global_pairs, kl=kl_sum / max(kl_n, 1.0), beta=cfg.beta)
         return metrics
 
     def update(self, r: Rollout, better: Tensor, worse: Tensor, global_pairs: float) -> tuple[dict, float]:
-        """One optimizer update on this process's pairs, in gradient_accumulation_steps micro-batches (the loss is
-        the mean over the pairs of all processes). Returns the DPO metrics and this process's Σ KL over its paired
-        completions."""
+        """One optimizer update on the step's pairs, this process's share of them in gradient_accumulation_steps
+        micro-batches (`Run.shares`; the loss is the mean over all pairs). Returns the DPO metrics and this
+        process's Σ KL over its paired completions."""
         cfg, run = self.cfg, self.run
         if global_pairs == 0:  # nothing to learn anywhere: no update, the schedule advances
             lr = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
             return {"learning_rate": lr, **PreferenceStats().summary(0)}, 0.0
         pairs = torch.arange(len(better), device=better.device)
-        micro = [(better[i], worse[i], 1.0) for i in split_evenly(pairs, cfg.gradient_accumulation_steps) if len(i)]
-        if not micro:  # under DDP every process joins the gradient all-reduce: a zero-weight pair of two samples
-            micro = [(pairs.new_tensor([0]), pairs.new_tensor([1]), 0.0)]
+        micro = [(better[i], worse[i], w) for i, w in run.shares(pairs, cfg.gradient_accumulation_steps)]
         stats, kl_sum = PreferenceStats(), 0.0
         self.model.train()
         for b, w, weight in run.accumulate(micro):
@@ -114,7 +115,9 @@ class OnlineDPOStep:
         n = len(sub)
         mask = sub.completion_mask
         if self.reference is not None:
-            with torch.no_grad(), self.reference.active() as ref:
+            # with LoRA the reference is the policy itself (adapter off): whole weights under FSDP2
+            full = self.run.full_weights() if self.reference.lm is None else contextlib.nullcontext()
+            with torch.no_grad(), full, self.reference.active() as ref:
                 ref_tok = group_completion_logprobs(ref.model, sub, cfg.temperature)
             ref_logps = ref_tok.sum(-1)
             kl = float(((sub.logprobs - ref_tok) * mask).sum())

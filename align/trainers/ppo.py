@@ -59,7 +59,7 @@ class PPOStep:
     def __call__(self, step: int) -> dict[str, float]:
         cfg, run = self.cfg, self.run
         net: PolicyAndValue = run.unwrap()
-        r = self.sampler(step, net.policy.model, value_fn=lambda r: rollout_values(net, r))
+        r = self.sampler(step, net.policy.model, value_fn=lambda r: rollout_values(net, r))  # the whole rollout
         mask = r.completion_mask
         beta = self.controller.beta
         kl = token_kl(r.logprobs, r.ref_logprobs, mask, cfg.kl_estimator)
@@ -77,33 +77,35 @@ class PPOStep:
         out.update(train_stats)
         measured = out["kl"] if cfg.kl_to == "ref" else train_stats["approx_kl_last_epoch"]
         out["beta"] = beta
-        self.controller.update(measured, cfg.per_device_train_batch_size * run.world)
+        self.controller.update(measured, len(r))
         return out
 
     def update(self, step: int, r: Rollout, adv: Tensor, returns: Tensor, loss_beta: float) -> dict[str, float]:
-        """num_ppo_epochs passes of num_mini_batches optimizer updates (phase 4)."""
+        """num_ppo_epochs passes of num_mini_batches optimizer updates (phase 4). The minibatches are drawn from
+        the whole rollout with a permutation keyed by (seed, step, epoch); each process trains on its share of
+        each (`Run.shares`), so the updates do not depend on the number of processes."""
         cfg, run, model = self.cfg, self.run, self.model
         model.train()
         sums: dict[str, float] = {}
-        n_micro = 0
+        n_micro = 0.0
         updates = 0
         last_epoch_kl: list[float] = []
         stopped = False
         lr = run.scheduler.get_last_lr()[0]
         grad_norms = []
         for epoch in range(cfg.num_ppo_epochs):
-            perm = torch.randperm(len(r), generator=make_generator("cpu", cfg.seed, step, run.rank, epoch))
+            perm = torch.randperm(len(r), generator=make_generator("cpu", cfg.seed, step, "minibatches", epoch))
             epoch_kl: list[float] = []
             for mb in split_evenly(perm, cfg.num_mini_batches):
-                (n_tok,) = run.reduce_sum([float(r.completion_mask[mb].sum())])
-                num_items = max(n_tok, 1.0) / run.world
+                n_tok = float(r.completion_mask[mb].sum())
+                num_items = max(n_tok, 1.0) / run.world  # DDP / FSDP average the processes' gradients
                 mb_kl = 0.0
-                for idx in run.accumulate(split_evenly(mb, cfg.gradient_accumulation_steps)):
-                    stats = self._micro_step(r, idx, adv, returns, loss_beta, num_items, with_entropy=epoch == 0)
-                    mb_kl += float(stats["approx_kl"]) * float(r.completion_mask[idx].sum())
+                for idx, weight in run.accumulate(run.shares(mb, cfg.gradient_accumulation_steps)):
+                    stats = self._micro_step(r, idx, adv, returns, loss_beta, num_items, epoch == 0, weight)
+                    mb_kl += float(stats["approx_kl"]) * float(r.completion_mask[idx].sum()) * weight
                     for key, v in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(v)
-                    n_micro += 1
+                        sums[key] = sums.get(key, 0.0) + float(v) * weight
+                    n_micro += weight
                 # the schedule advances once per PPO step (in __call__), not once per update
                 grad_norms.append(run.optimizer_step(schedule=False).get("grad_norm"))
                 updates += 1
@@ -115,9 +117,12 @@ class PPOStep:
             last_epoch_kl = epoch_kl
             if stopped:
                 break
+        keys = sorted(sums)  # the same on every process: each runs the same micro-batches
+        totals = run.reduce_sum([sums[k] for k in keys] + [n_micro])
+        sums, n_micro = dict(zip(keys, totals[:-1])), totals[-1]
         ent = sums.pop("entropy", None)
         n_ent = sums.pop("_entropy_count", 0.0)
-        out = {k: v / n_micro for k, v in sums.items()}
+        out = {k: v / max(n_micro, 1.0) for k, v in sums.items()}
         if ent is not None and n_ent:
             out["entropy"] = ent / n_ent
         out.update(ppo_updates=float(updates), early_stopped=float(stopped), learning_rate=lr,
@@ -128,7 +133,7 @@ class PPOStep:
         return out
 
     def _micro_step(self, r: Rollout, idx: Tensor, adv: Tensor, returns: Tensor, loss_beta: float,
-                    num_items: float, with_entropy: bool) -> dict[str, Tensor]:
+                    num_items: float, with_entropy: bool, weight: float = 1.0) -> dict[str, Tensor]:
         cfg = self.cfg
         sub = r.subset(idx)
         c = sub.completion_ids.shape[1]
@@ -143,7 +148,7 @@ class PPOStep:
             cliprange_value=cfg.cliprange_value or None, vf_coef=cfg.vf_coef, entropy=ent,
             entropy_coef=cfg.entropy_coef, kl_coef=loss_beta, kl_to=cfg.kl_to, ref_logp=sub.ref_logprobs,
             kl_estimator=cfg.kl_estimator, num_items=num_items)
-        self.run.backward(loss)
+        self.run.backward(loss * weight)
         if with_entropy:
             with torch.no_grad():
                 if ent is None:

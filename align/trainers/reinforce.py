@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ..config import ReinforceConfig
-from ..data import split_evenly
 from ..losses import POLICY_LOSSES, aggregate_count, entropy_from_logits, value_loss
 from ..rollout import Rollout, logprobs_from_selected, scatter_tokens, sequence_inputs
 from .rl import RLSetup, RLStage, check_pg_config, pg_module, psi_rollout, run_rl_stage
@@ -41,12 +40,12 @@ class ReinforceStep:
     def update(self, r: Rollout, psi: Tensor, targets: Tensor | None) -> dict[str, float]:
         cfg, run, model = self.cfg, self.run, self.model
         model.train()
-        # the global denominators, so that micro-batches and processes add up to the whole batch's loss
-        n_pg, n_tok = run.reduce_sum([float(aggregate_count(r.completion_mask, cfg.loss_agg)),
-                                      float(r.completion_mask.sum())])
+        # the whole batch's denominators (r is the whole rollout), so that micro-batches and processes add up to
+        # the batch's loss; DDP / FSDP average the processes' gradients
+        n_pg, n_tok = float(aggregate_count(r.completion_mask, cfg.loss_agg)), float(r.completion_mask.sum())
         pg_items, tok_items = max(n_pg, 1.0) / run.world, max(n_tok, 1.0) / run.world
         sums: dict[str, float] = {}
-        for idx in run.accumulate(split_evenly(torch.arange(len(r)), cfg.gradient_accumulation_steps)):
+        for idx, weight in run.accumulate(run.shares(torch.arange(len(r)), cfg.gradient_accumulation_steps)):
             sub = r.subset(idx)
             c = sub.completion_ids.shape[1]
             mask = sub.completion_mask
@@ -62,12 +61,12 @@ class ReinforceStep:
                                    num_items=tok_items)
                 loss = loss + cfg.vf_coef * vl
                 parts["value_loss"] = vl.detach()
-            run.backward(loss)
+            run.backward(loss * weight)
             with torch.no_grad():
                 z = logits.detach().float() / cfg.temperature
                 parts["entropy"] = entropy_from_logits(z).sum() / tok_items
             for key, v in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
+                sums[key] = sums.get(key, 0.0) + float(v) * weight
         out = run.optimizer_step()
         # each micro-batch term is divided by (global count / world): the sum over processes / world is the whole
         # batch's value

@@ -10,6 +10,7 @@ the step function for `Run.train` (sample with `setup.sampler`, compute advantag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -24,7 +25,7 @@ from ..losses import explained_variance, masked_mean
 from ..models import (SelectiveLM, disable_dropout, frozen_dtype, load_causal_lm, load_tokenizer, load_trained_lm,
                       sync_special_tokens)
 from ..rewards import check_reward_columns, functions, reward_sources
-from ..rollout import (Rollout, completion_logprobs, generate, group_completion_logprobs, make_generator,
+from ..rollout import (Rollout, completion_logprobs, completion_uniforms, generate, group_completion_logprobs,
                        make_rollout)
 from .checkpoints import check_output_dir
 from .critic import PolicyAndValue, policy_of, rollout_values, save_policy_and_critic, with_critic
@@ -122,13 +123,18 @@ class Reference:
 
 
 class RolloutSampler:
-    """One step's rollouts for any RL stage: this process's share of the step's ``global_prompts`` prompts,
-    num_generations completions each sampled with the current policy, scored by the reward sources, with the
-    reference log-probabilities (when a `Reference` is given; with ``prompt_once`` each prompt is encoded once
-    for its group) and critic values (when a `value_fn` is given).
+    """One step's rollouts for any RL stage: the step's ``global_prompts`` prompts, num_generations completions
+    each sampled with the current policy, scored by the reward sources, with the reference log-probabilities
+    (when a `Reference` is given; with ``prompt_once`` each prompt is encoded once for its group) and critic
+    values (when a `value_fn` is given).
 
-    Which prompts a step uses and how they are sampled depend on (seed, step, rank) only, so a resumed run draws
-    the same rollouts as an uninterrupted one."""
+    Each process samples, scores and runs the reference and critic on its share of the prompts; the result is
+    then gathered, so every process returns the whole step's rollout, rows in global order, and the stages
+    compute advantages and split the training over processes from the same data (`Run.shares`). A completion's
+    random stream is keyed by (seed, step, its global index) (:func:`align.rollout.completion_uniforms`): which
+    prompts a step uses and which completions it draws depend neither on the number of processes nor on
+    resuming, so one process with gradient accumulation, N processes and a resumed run train on the same
+    rollouts."""
 
     def __init__(self, cfg, run: Run, tokenizer, data: PromptData, sources: dict, reference: Reference | None,
                  num_generations: int, global_prompts: int, prompt_once: bool = False):
@@ -140,26 +146,31 @@ class RolloutSampler:
 
     def __call__(self, step: int, policy: nn.Module, value_fn: Callable[[Rollout], Tensor] | None = None
                  ) -> Rollout:
-        """The `Rollout` of `step` sampled from `policy` (a causal LM, in eval mode during sampling)."""
+        """The whole `Rollout` of `step` sampled from `policy` (a causal LM, in eval mode during sampling)."""
         cfg, run = self.cfg, self.run
         indices = global_batch_indices(step, len(self.data), self.global_prompts, cfg.seed)
-        mine = split_evenly(indices, run.world)[run.rank]
+        parts = split_evenly(list(range(len(indices))), run.world)
+        mine = [indices[i] for i in parts[run.rank]]
+        first = (parts[run.rank][0] if parts[run.rank] else 0) * self.num_generations  # global completion index
         prompts, cols, ids, mask = self.data.batch(mine, self.tokenizer.pad_token_id, run.device)
+        uniforms = completion_uniforms(len(mine) * self.num_generations, cfg.max_new_tokens, cfg.seed, step,
+                                       "completion", first=first)
         was_training = policy.training
         policy.eval()
         try:
-            with torch.no_grad(), run.accelerator.autocast():
+            # FSDP2: the policy's weights are gathered once for the whole rollout, not once per token
+            with torch.no_grad(), run.accelerator.autocast(), run.full_weights():
                 with run.timer("generation"):
                     samples = generate(policy, ids, mask, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                        cfg.top_k, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                       generator=make_generator(run.device, cfg.seed, step, run.rank),
-                                       num_return_sequences=self.num_generations)
-                return make_rollout(samples, self.tokenizer, prompts, cols, self.sources, self.weights,
-                                    cfg.missing_eos_penalty, self.gold,
-                                    ref_fn=self._ref_logprobs if self.reference is not None else None,
-                                    value_fn=value_fn, timer=run.timer)
+                                       num_return_sequences=self.num_generations, uniforms=uniforms)
+                local = make_rollout(samples, self.tokenizer, prompts, cols, self.sources, self.weights,
+                                     cfg.missing_eos_penalty, self.gold,
+                                     ref_fn=self._ref_logprobs if self.reference is not None else None,
+                                     value_fn=value_fn, timer=run.timer)
         finally:
             policy.train(was_training)
+        return gather_rollout(run, local, self.tokenizer.pad_token_id)
 
     def _ref_logprobs(self, r: Rollout) -> Tensor:
         with self.reference.active() as ref:
@@ -168,22 +179,52 @@ class RolloutSampler:
             return completion_logprobs(ref, r, self.cfg.temperature)[0]
 
 
+def gather_rollout(run: Run, r: Rollout, pad_id: int) -> Rollout:
+    """Every process's rollout concatenated in process order, on every process (the rollout itself on one
+    process): prompts left-padded and completions right-padded to the longest of any process (``pad_id``, mask
+    0), the texts, prompts and columns gathered as objects."""
+    if run.world == 1:
+        return r
+    p, c = (int(x) for x in run.gather(torch.tensor([[r.prompt_ids.shape[1], r.completion_ids.shape[1]]],
+                                                    device=run.device)).max(0).values)
+
+    def left(t: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(t, (p - t.shape[1], 0), value=value)
+
+    def right(t: Tensor | None, value: float) -> Tensor | None:
+        return None if t is None else torch.nn.functional.pad(t, (0, c - t.shape[1]), value=value)
+
+    out = dataclasses.replace(
+        r, prompt_ids=left(r.prompt_ids, pad_id), prompt_mask=left(r.prompt_mask, 0),
+        completion_ids=right(r.completion_ids, pad_id), completion_mask=right(r.completion_mask, 0),
+        logprobs=right(r.logprobs, 0.0), ref_logprobs=right(r.ref_logprobs, 0.0), values=right(r.values, 0.0))
+    for f in dataclasses.fields(out):
+        v = getattr(out, f.name)
+        if isinstance(v, Tensor):
+            setattr(out, f.name, run.gather(v))
+        elif isinstance(v, dict):
+            setattr(out, f.name, {k: run.gather(x) if isinstance(x, Tensor) else run.gather_objects(x)
+                                  for k, x in v.items()})
+        elif isinstance(v, list):
+            setattr(out, f.name, run.gather_objects(v))
+    return out
+
+
 def rollout_metrics(run: Run, r: Rollout, kl: Tensor | None = None, **extra: Tensor) -> dict[str, float]:
-    """What every RL stage logs about a step's rollouts, averaged over processes: the reward's mean and std over
-    all processes' rollouts, each source's and gold function's mean, the KL to the reference (per completion and
+    """What every RL stage logs about a step's whole rollout (the sampler's, the same on every process): the
+    reward's mean and std, each source's and gold function's mean, the KL to the reference (per completion and
     per token, when ``kl`` (B, C) is given), the response length and the EOS fraction; plus the stage's own
-    ``extra`` metrics (this process's 0-dim values)."""
-    rewards = run.gather(r.rewards)
-    local: dict[str, Any] = {
+    ``extra`` metrics (0-dim values, averaged over processes)."""
+    rewards = r.rewards
+    out: dict[str, Any] = {
         "reward": rewards.mean(), "reward_std": rewards.std() if len(rewards) > 1 else torch.zeros(()),
         **{f"reward_{k}": v.mean() for k, v in r.reward_components.items()},
         **{f"gold_{k}": v.mean() for k, v in r.gold_rewards.items()},
         "response_length": r.lengths.float().mean(), "eos_frac": r.eos.float().mean(),
     }
     if kl is not None:
-        local.update(kl=kl.sum(-1).mean(), kl_per_token=masked_mean(kl, r.completion_mask))
-    local.update(extra)
-    return run.mean_over_processes(local)
+        out.update(kl=kl.sum(-1).mean(), kl_per_token=masked_mean(kl, r.completion_mask))
+    return {**{k: float(v) for k, v in out.items()}, **run.mean_over_processes(extra)}
 
 
 def psi_rollout(setup: "RLSetup", step: int) -> tuple[Rollout, Tensor, Tensor | None, dict[str, float]]:
@@ -277,10 +318,11 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     step_fn = stage.make_step(setup)
 
     def eval_fn(step: int) -> dict[str, float]:
-        if not run.is_main:
-            return {}
-        return greedy_eval(policy_of(run.unwrap()).model, tokenizer, eval_rows, eval_funcs, cfg.max_new_tokens,
-                           cfg.per_device_eval_batch_size, cfg.eval_max_samples)
+        with run.full_weights():  # every process gathers (FSDP2); the main process evaluates
+            if not run.is_main:
+                return {}
+            return greedy_eval(policy_of(run.unwrap()).model, tokenizer, eval_rows, eval_funcs, cfg.max_new_tokens,
+                               cfg.per_device_eval_batch_size, cfg.eval_max_samples)
 
     metrics = run.train(step_fn, eval_fn if eval_rows is not None else None)
     save_policy_and_critic(run, tokenizer, push=False)

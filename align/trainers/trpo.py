@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -277,6 +278,11 @@ class TRPOStep:
     def __call__(self, step: int) -> dict[str, float]:
         cfg, run = self.cfg, self.run
         r, adv, targets, out = psi_rollout(self.setup, step)
+        # this process's rows of the whole rollout; the problem sums its gradients and products over processes
+        mine = torch.cat([idx for idx, w in run.shares(torch.arange(len(r)), cfg.gradient_accumulation_steps)
+                          if w])
+        r, adv = r.subset(mine), adv[mine.to(adv.device)]
+        targets = None if targets is None else targets[mine.to(targets.device)]
         with run.timer("training"):
             res, stats = trpo_update(
                 policy_of(run.unwrap()), r, adv, max_kl=cfg.max_kl, temperature=cfg.temperature, agg=cfg.loss_agg,
@@ -334,7 +340,16 @@ class TRPOStep:
         return {"value_loss": losses[0], "value_loss_last": losses[-1]}
 
 
-TRPO = RLStage("trpo", TRPOStep, check=check_pg_config, module=pg_module)
+def check_trpo_config(cfg: TRPOConfig) -> None:
+    check_pg_config(cfg)
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise AlignError(f"trpo runs under plain data parallel only, not {name}: the conjugate-gradient step "
+                             f"and the line search set every policy parameter whole on each process (launch with "
+                             f"recipes/accelerate/ddp.yaml or cpu2.yaml, or use use_lora to make the policy small)")
+
+
+TRPO = RLStage("trpo", TRPOStep, check=check_trpo_config, module=pg_module)
 
 
 def train_trpo(cfg: TRPOConfig) -> dict[str, float]:

@@ -1,0 +1,130 @@
+"""Every stage gives the same weights on 2 CPU processes (DDP, and FSDP2 through `accelerate launch`) as on one
+process with the same global batch (gradient accumulation making up the processes), within 1e-5.
+
+The RL stages can only pass because a completion's random stream is keyed by (seed, step, its global index) and
+every process trains on its share of the whole gathered rollout (`Run.shares`): nothing depends on the number of
+processes. The 2-process runs of all stages share one launch (tests/scale_driver.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from align.cli import main
+from conftest import TORCHRUN, addition_rows, needs_torchrun, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, "tests", "scale_driver.py")
+FSDP_CONFIG = os.path.join(ROOT, "recipes", "accelerate", "fsdp_cpu.yaml")
+COMMON = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--learning_rate", "1e-3",
+          "--max_length", "32", "--max_steps", "2"]
+RL = ["--max_new_tokens", "4", "--temperature", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, diversity_data):
+    d = tmp_path_factory.mktemp("scale")
+    sft = write_jsonl(d / "sft.jsonl", addition_rows(32, seed=11))
+    prompts = write_jsonl(d / "rl.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
+                                           for r in addition_rows(24, seed=12)])
+    prefs = write_jsonl(d / "prefs.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
+                                              "rejected": str(int(r["answer"]) + 10)}
+                                             for r in addition_rows(32, seed=13)])
+    # a reward every policy can move (distinct characters), so that group advantages are not all zero
+    return {"sft": sft, "prompts": prompts, "prefs": prefs, "reward": diversity_data[1]}
+
+
+def stages(model: str, rm: str, data: dict, processes: int) -> dict[str, list[str]]:
+    """Each stage's arguments for `processes` processes; the global batch is the same for 1 and 2."""
+    x = 2 // processes  # the factor that makes up the missing processes
+    acc = lambda n: ["--gradient_accumulation_steps", str(n * x)]  # noqa: E731
+    return {
+        "sft": ["sft", "--model", model, "--train_data", data["sft"], "--per_device_train_batch_size", "4",
+                *acc(1), *COMMON],
+        "rm": ["rm", "--model", model, "--train_data", data["prefs"], "--per_device_train_batch_size", "4",
+               *acc(1), *COMMON],
+        "dpo": ["dpo", "--model", model, "--train_data", data["prefs"], "--per_device_train_batch_size", "4",
+                *acc(1), *COMMON],
+        # per_device_train_batch_size counts a process's rollouts per step: the single process holds both shares
+        "ppo": ["ppo", "--model", model, "--train_data", data["prompts"], "--reward_model", rm, "--value_model", rm,
+                "--per_device_train_batch_size", str(4 * x), *acc(1), "--num_mini_batches", "2",
+                "--num_ppo_epochs", "2", *RL, *COMMON],
+        # per_device_train_batch_size counts completions of a micro-batch (TRL's meaning)
+        "grpo": ["grpo", "--model", model, "--train_data", data["prompts"], "--reward_funcs", data["reward"],
+                 "--num_generations", "2", "--per_device_train_batch_size", "4", *acc(1), "--beta", "0.04",
+                 "--num_iterations", "2", *RL, *COMMON],
+        "grpo_iterative": ["grpo", "--model", model, "--train_data", data["prompts"], "--reward_model", rm,
+                           "--num_generations", "2", "--per_device_train_batch_size", "4", *acc(1), "--beta", "0.04",
+                           "--ref_update_every", "1", "--rm_update", "true", "--rm_label_funcs", "exact_match",
+                           "--rm_replay_data", data["prefs"], "--rm_replay_ratio", "0.5", *RL, *COMMON],
+        "reinforce": ["reinforce", "--model", model, "--train_data", data["prompts"], "--reward_funcs",
+                      data["reward"], "--num_generations", "2", "--per_device_train_batch_size", str(2 * x),
+                      *acc(1), "--beta", "0.1", *RL, *COMMON],
+        "trpo": ["trpo", "--model", model, "--train_data", data["prompts"], "--reward_funcs", data["reward"],
+                 "--num_generations", "2", "--per_device_train_batch_size", str(2 * x), *acc(1), *RL, *COMMON],
+        "online_dpo": ["online_dpo", "--model", model, "--train_data", data["prompts"], "--reward_funcs",
+                       data["reward"], "--num_generations", "2", "--per_device_train_batch_size", "2", *acc(1),
+                       *RL, *COMMON],
+    }
+
+
+def launch(kind: str, jobs: list[list[str]], tmp_path, port: int) -> None:
+    """All `jobs` in one 2-process launch: torchrun (DDP) or accelerate launch with the FSDP2 CPU recipe."""
+    path = tmp_path / f"{kind}_jobs.json"
+    path.write_text(json.dumps(jobs))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if kind == "ddp":
+        cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), DRIVER, str(path)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG,
+               "--main_process_port", str(port), DRIVER, str(path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    strategy = {"ddp": "DDP", "fsdp": "FSDP2"}[kind]  # what the run reports it used, once per stage
+    assert res.stderr.count(f": 2 processes, {strategy}") == len(jobs), res.stderr[-3000:]
+
+
+def saved(out: str) -> dict:
+    """The final weights of a run: the model, and a separate critic or a reward model trained beside it."""
+    w = {f"model.{k}": v for k, v in load_file(os.path.join(out, "model.safetensors")).items()}
+    for sub in ("value_model", "reward_model"):
+        f = os.path.join(out, sub, "model.safetensors")
+        if os.path.isfile(f):
+            w.update({f"{sub}.{k}": v for k, v in load_file(f).items()})
+    return w
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def run_all(kind: str, names: list[str], tiny_model_dir, tiny_rm_dir, data, tmp_path, port: int):
+    one = stages(tiny_model_dir, tiny_rm_dir, data, 1)
+    two = stages(tiny_model_dir, tiny_rm_dir, data, 2)
+    launch(kind, [two[n] + ["--output_dir", str(tmp_path / kind / n)] for n in names], tmp_path, port)
+    start = {f"model.{k}": v for k, v in load_file(os.path.join(tiny_model_dir, "model.safetensors")).items()}
+    for n in names:
+        assert main(one[n] + ["--output_dir", str(tmp_path / "one" / n)]) == 0, n
+        a, b = saved(str(tmp_path / kind / n)), saved(str(tmp_path / "one" / n))
+        assert max_diff(a, b) < 1e-5, (n, max_diff(a, b))
+        moved = {k: v for k, v in a.items() if k in start}
+        assert max((moved[k] - start[k]).abs().max().item() for k in moved) > 1e-4, n  # training moved it
+
+
+ALL = ["sft", "rm", "dpo", "ppo", "grpo", "grpo_iterative", "reinforce", "trpo", "online_dpo"]
+
+
+@needs_torchrun
+def test_every_stage_under_ddp_equals_one_process(tiny_model_dir, tiny_rm_dir, data, tmp_path):
+    run_all("ddp", ALL, tiny_model_dir, tiny_rm_dir, data, tmp_path, 29641)
+
+
+@needs_torchrun
+def test_every_stage_under_fsdp2_equals_one_process(tiny_model_dir, tiny_rm_dir, data, tmp_path):
+    run_all("fsdp", [n for n in ALL if n != "trpo"], tiny_model_dir, tiny_rm_dir, data, tmp_path, 29643)
