@@ -50,5 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `align` command (and `python -m align.cli`): `main`, then, after a run that succeeded, leave the
+    process group together."""
+    rc = main()
+    if rc == 0:
+        leave_process_group()
+    sys.exit(rc)
+
+
+def leave_process_group() -> None:
+    """After a run that succeeded on every process: wait for all of them, then close the process group, so no
+    process exits while another still talks to it (on several machines, the rendezvous store lives on
+    machine 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

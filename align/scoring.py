@@ -19,6 +19,7 @@ decode/encode round trip and scores the policy's ids directly; both paths give t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,8 @@ class RewardModelScorer:
         self.max_length = int(max_length)
         self.path = path
         self._same: dict[int, bool] = {}
+        # model -> context in which its weights are whole (a training run sets it when it shards the model)
+        self.gather: Any = lambda model: contextlib.nullcontext()
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, prompt: Any, completion: Any) -> list[int]:
@@ -88,10 +91,11 @@ class RewardModelScorer:
                 raise AlignError(f"reward model {self.path}: sequence {k} is empty")
         order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
         out = torch.empty(len(seqs), dtype=torch.float32)
-        for chunk in batched(order, self.batch_size):
-            ids, att = left_pad([seqs[k] for k in chunk], self.tokenizer.pad_token_id)
-            r = sequence_scores(self.model, ids.to(self.device), att.to(self.device))
-            out[torch.tensor(list(chunk))] = r.float().cpu()
+        with self.gather(self.model):
+            for chunk in batched(order, self.batch_size):
+                ids, att = left_pad([seqs[k] for k in chunk], self.tokenizer.pad_token_id)
+                r = sequence_scores(self.model, ids.to(self.device), att.to(self.device))
+                out[torch.tensor(list(chunk))] = r.float().cpu()
         return out
 
     def score_texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:

@@ -5,7 +5,7 @@ JOBS a JSON list of argument lists (``["sft", "--model", ...]``). Exits with the
 import json
 import sys
 
-from align.cli import main
+from align.cli import leave_process_group, main
 
 if __name__ == "__main__":
     with open(sys.argv[1], encoding="utf-8") as fh:
@@ -15,3 +15,4 @@ if __name__ == "__main__":
         if rc:
             print(f"scale_driver: {' '.join(argv[:1])} exited with {rc}", file=sys.stderr)
             sys.exit(rc)
+    leave_process_group()

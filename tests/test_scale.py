@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -128,3 +130,70 @@ def test_every_stage_under_ddp_equals_one_process(tiny_model_dir, tiny_rm_dir, d
 @needs_torchrun
 def test_every_stage_under_fsdp2_equals_one_process(tiny_model_dir, tiny_rm_dir, data, tmp_path):
     run_all("fsdp", [n for n in ALL if n != "trpo"], tiny_model_dir, tiny_rm_dir, data, tmp_path, 29643)
+
+
+@needs_torchrun
+def test_fsdp2_gathers_once_per_rollout_and_shards_the_frozen_models(tiny_model_dir, tiny_rm_dir, data, tmp_path):
+    """Under FSDP2 the frozen reference and reward model are sharded like the policy, and one rollout gathers
+    each model's weights once: the number of all-gathers does not grow with the completion length (generation
+    runs one forward per token)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG,
+                          "--main_process_port", "29645", os.path.join(ROOT, "tests", "fsdp_gathers.py"),
+                          tiny_model_dir, tiny_rm_dir, data["prompts"], str(tmp_path / "probe")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1])
+    assert report["strategy"] == "FSDP2"
+    assert report["sharded"] == {"policy": True, "reference": True, "reward_model": True}
+    short, long = report["counts"]["2"], report["counts"]["8"]
+    assert short["length"] == 2 and long["length"] == 8  # the rollouts really ran 2 and 8 tokens
+    # 3 models x 3 units (2 blocks + the rest): one gather each per rollout, whatever the length
+    assert short["gathers"] == long["gathers"] == 9
+
+
+def launch_cmd(kind: str, port: int, argv: list[str]) -> list[str]:
+    if kind == "ddp":
+        return [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m", "align.cli", *argv]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--main_process_port",
+            str(port), "-m", "align.cli", *argv]
+
+
+@needs_torchrun
+@pytest.mark.parametrize("kind,stage", [("ddp", "ppo"), ("fsdp", "grpo")])
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(kind, stage, tiny_model_dir, tiny_rm_dir,
+                                                                      data, tmp_path):
+    """Both processes are killed (SIGKILL, no chance to save) once a checkpoint exists; resuming the latest
+    checkpoint on 2 processes finishes with the same weights as a run that was never stopped."""
+    from align.trainers.checkpoints import verify_checkpoint
+
+    argv = stages(tiny_model_dir, tiny_rm_dir, data, 2)[stage]
+    argv = [a if a != "2" or argv[i - 1] != "--max_steps" else "12" for i, a in enumerate(argv)]
+    argv += ["--save_steps", "3", "--save_total_limit", "2"]
+    port = 29651 if kind == "ddp" else 29653
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    res = subprocess.run(launch_cmd(kind, port, [*argv, "--output_dir", str(full)]), env=env, capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    proc = subprocess.Popen(launch_cmd(kind, port + 1, [*argv, "--output_dir", str(cut)]), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = cut / "checkpoints" / "step-6"
+    deadline = time.monotonic() + 240
+    try:
+        while not (first / "manifest.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # every process of the launch, mid-run
+        proc.wait()
+    assert not os.path.exists(cut / "model.safetensors")  # it was stopped before the end
+    latest = max(int(d.split("-")[1]) for d in os.listdir(cut / "checkpoints") if d.startswith("step-"))
+    verify_checkpoint(str(cut / "checkpoints" / f"step-{latest}"))
+    assert latest < 12
+    res = subprocess.run(launch_cmd(kind, port + 2, [*argv, "--output_dir", str(cut), "--resume_from_checkpoint",
+                                                     "latest"]),
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert max_diff(saved(str(cut)), saved(str(full))) < 1e-6

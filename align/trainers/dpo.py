@@ -91,7 +91,7 @@ def train_dpo(cfg: DPOConfig) -> dict[str, float]:
     if uses_reference(cfg) and cfg.precompute_ref_log_probs:
         cached = reference_log_probs(cfg, run, policy, tokenizer, data, share)
     elif uses_reference(cfg):
-        live = Reference.load(cfg, policy, tokenizer, run.device)
+        live = Reference.load(cfg, policy, tokenizer, run)
 
     max_steps = resolve_max_steps(cfg, len(train), run.global_batch)
     model = run.prepare(SelectiveLM(policy), max_steps)
@@ -207,7 +207,7 @@ def reference_log_probs(cfg: DPOConfig, run: Run, policy: nn.Module, tokenizer, 
     default = not cfg.ref_model or cfg.ref_model == cfg.model
     policy.to(run.device)
     ref = (Reference(None, adapter_host=policy) if cfg.use_lora else Reference(SelectiveLM(policy))) if default \
-        else Reference.load(cfg, policy, tokenizer, run.device)
+        else Reference.load(cfg, policy, tokenizer, run)
     key = fingerprint(policy if default or ref.lm is None else ref.lm.model, data, cfg)
     path = os.path.join(cfg.output_dir, CACHE_FILE)
     values: dict[str, Tensor] = {}

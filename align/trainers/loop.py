@@ -97,6 +97,12 @@ def fsdp_on_cpu(accelerator) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
+def _reshards_after_forward(unit: nn.Module) -> bool:
+    """Whether an FSDP2 unit frees its gathered weights after each forward (restored after `Run.whole`)."""
+    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None)
+    return any(g.post_forward_mesh_info is not None for g in groups) if groups else True
+
+
 class Run:
     """One training run: the accelerator, the trained module, its optimizer and schedule, logging and
     checkpoints. Stages build their models, then call `prepare`, then `train`."""
@@ -125,6 +131,7 @@ class Run:
         self.start_step = 0
         self.logger: MetricsLogger | None = None
         self.timers: dict[str, float] = {}
+        self._whole: set[int] = set()  # FSDP2 units held whole by `whole`
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, max_steps: int, extra_state: Any = None, lr: float | None = None):
@@ -305,29 +312,55 @@ class Run:
 
         return gather_object(list(items))
 
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Inside, the trained module's weights are whole on every process (see `whole`): for work that runs
+        many forwards outside training (generation: one forward per token) or calls submodules directly (the
+        policy of a policy-and-critic module, evaluation). A no-op without FSDP2."""
+        return self.whole(self.model)
+
     @contextlib.contextmanager
-    def full_weights(self) -> Iterator[None]:
-        """Inside, the trained module's weights are whole on every process: under FSDP2 each sharded unit is
-        gathered once on entry and sharded again on exit, instead of once per forward. For work that runs many
-        forwards outside training (generation: one forward per token) or calls submodules directly (the policy
-        of a policy-and-critic module, evaluation). Every process must enter (the gathers are collectives). A
-        no-op without FSDP2."""
-        if not self.fsdp2 or self.model is None:
-            yield
-            return
+    def whole(self, module: nn.Module | None) -> Iterator[None]:
+        """Under FSDP2, gather each sharded unit of `module` once on entry and keep it whole until the exit
+        (instead of once per forward), then shard it again. Every process must enter (the gathers are
+        collectives); inside, forwards make no collective calls, so processes may run different numbers of
+        them. A no-op for a module that is not sharded."""
         from torch.distributed.fsdp import FSDPModule
 
-        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        reshard = self.accelerator.state.fsdp_plugin.reshard_after_forward
+        units = [m for m in module.modules() if isinstance(m, FSDPModule) and id(m) not in self._whole] \
+            if module is not None else []
+        if not units:  # not sharded, or held whole by an enclosing `whole`
+            yield
+            return
+        reshard = [_reshards_after_forward(m) for m in units]
         for m in units:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
+            self._whole.add(id(m))
         try:
             yield
         finally:
-            for m in units:
+            for m, again in zip(units, reshard):
+                self._whole.discard(id(m))
                 m.reshard()
-                m.set_reshard_after_forward(reshard, recurse=False)
+                m.set_reshard_after_forward(again, recurse=False)
+
+    def shard_frozen(self, module: nn.Module) -> nn.Module:
+        """A model that is never trained (reference, reward model) placed per the strategy: under FSDP2 its
+        blocks and the rest are sharded over the processes like the trained module (1/N of its weights on each
+        between uses; use it inside `whole`), otherwise it is left as it is (replicated). Returns the module."""
+        if not self.fsdp2:
+            return module
+        from torch.distributed.fsdp import fully_shard
+
+        from ..models import no_split_modules
+
+        blocks = set(no_split_modules(module))
+        for m in list(module.modules()):
+            if type(m).__name__ in blocks:
+                fully_shard(m)
+        fully_shard(module)
+        module._get_fsdp_state()._lazy_init()  # it is the root, though its users may call its submodules
+        return module
 
     @property
     def strategy(self) -> str:

@@ -24,8 +24,6 @@ its adapter disabled); simpo and orpo load none.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..comparisons import PreferenceStats, best_worst_pairs
@@ -66,7 +64,7 @@ class OnlineDPOStep:
         self.cfg, self.run, self.model, self.sampler = setup.cfg, setup.run, setup.model, setup.sampler
         uses_ref = setup.cfg.loss_type not in REFERENCE_FREE_DPO_LOSSES
         # the sampler computes no reference log-probabilities: only the paired completions need them
-        self.reference = Reference.load(setup.cfg, setup.policy, setup.tokenizer, setup.run.device) \
+        self.reference = Reference.load(setup.cfg, setup.policy, setup.tokenizer, setup.run) \
             if uses_ref else None
         # recomputing activations (gradient checkpointing) and a KV cache do not mix in transformers
         self.prompt_once = not setup.cfg.gradient_checkpointing
@@ -115,9 +113,7 @@ class OnlineDPOStep:
         n = len(sub)
         mask = sub.completion_mask
         if self.reference is not None:
-            # with LoRA the reference is the policy itself (adapter off): whole weights under FSDP2
-            full = self.run.full_weights() if self.reference.lm is None else contextlib.nullcontext()
-            with torch.no_grad(), full, self.reference.active() as ref:
+            with torch.no_grad(), self.reference.active() as ref:
                 ref_tok = group_completion_logprobs(ref.model, sub, cfg.temperature)
             ref_logps = ref_tok.sum(-1)
             kl = float(((sub.logprobs - ref_tok) * mask).sum())

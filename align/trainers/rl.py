@@ -24,7 +24,7 @@ from ..evaluate import greedy_eval
 from ..losses import explained_variance, masked_mean
 from ..models import (SelectiveLM, disable_dropout, frozen_dtype, load_causal_lm, load_tokenizer, load_trained_lm,
                       sync_special_tokens)
-from ..rewards import check_reward_columns, functions, reward_sources
+from ..rewards import REWARD_MODEL_NAME, check_reward_columns, functions, reward_sources
 from ..rollout import (Rollout, completion_logprobs, completion_uniforms, generate, group_completion_logprobs,
                        make_rollout)
 from .checkpoints import check_output_dir
@@ -98,28 +98,35 @@ class Reference:
     """The frozen reference policy: a separate model, or (LoRA) the trained model with its adapter disabled,
     which keeps one copy of the base weights."""
 
-    def __init__(self, lm: SelectiveLM | None, adapter_host: nn.Module | None = None):
+    def __init__(self, lm: SelectiveLM | None, adapter_host: nn.Module | None = None,
+                 gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.lm = lm
         self.adapter_host = adapter_host
+        self.gather = gather  # makes the reference's weights whole while it is used (sharded under FSDP2)
 
     @classmethod
-    def load(cls, cfg, policy: nn.Module, tokenizer, device: torch.device) -> "Reference":
+    def load(cls, cfg, policy: nn.Module, tokenizer, run: Run) -> "Reference":
+        """The reference of an RL config: the policy with its adapter disabled (LoRA, no other ref_model), else
+        ref_model (default: model) loaded frozen, placed per the strategy (`Run.shard_frozen`)."""
         if cfg.use_lora and (not cfg.ref_model or cfg.ref_model == cfg.model):
-            return cls(None, adapter_host=policy)
-        model = load_causal_lm(cfg.ref_model or cfg.model, dtype=frozen_dtype(cfg.dtype, device),
-                               trust_remote_code=cfg.trust_remote_code, device=device)
+            return cls(None, adapter_host=policy, gather=run.full_weights)
+        model = load_causal_lm(cfg.ref_model or cfg.model, dtype=frozen_dtype(cfg.dtype, run.device),
+                               trust_remote_code=cfg.trust_remote_code, device=run.device)
         sync_special_tokens(model, tokenizer)
         model.eval().requires_grad_(False)
-        return cls(SelectiveLM(model))
+        model = run.shard_frozen(model)
+        return cls(SelectiveLM(model), gather=lambda: run.whole(model))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
-        """Context giving a SelectiveLM-like module that computes the reference's logits."""
-        if self.lm is not None:
-            yield self.lm
-            return
-        with self.adapter_host.disable_adapter():
-            yield SelectiveLM(self.adapter_host)
+        """Context giving a SelectiveLM-like module that computes the reference's logits (every process must
+        enter: under FSDP2 its weights are gathered)."""
+        with self.gather():
+            if self.lm is not None:
+                yield self.lm
+                return
+            with self.adapter_host.disable_adapter():
+                yield SelectiveLM(self.adapter_host)
 
 
 class RolloutSampler:
@@ -307,9 +314,14 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     run = Run(cfg, stage.name)
     policy = load_trained_lm(cfg, tokenizer, run.weights_dtype)
     disable_dropout(policy)
+    sources = reward_sources(cfg, run.device)
+    if REWARD_MODEL_NAME in sources and not getattr(cfg, "rm_update", False):  # a frozen reward model
+        scorer = sources[REWARD_MODEL_NAME]
+        run.shard_frozen(scorer.model)
+        scorer.gather = run.whole
     module = stage.module(cfg, tokenizer, run.weights_dtype, policy)
-    reference = Reference.load(cfg, policy, tokenizer, run.device) if stage.uses_reference(cfg) else None
-    setup = RLSetup(cfg, run, tokenizer, data, policy, reference, reward_sources(cfg, run.device), inputs)
+    reference = Reference.load(cfg, policy, tokenizer, run) if stage.uses_reference(cfg) else None
+    setup = RLSetup(cfg, run, tokenizer, data, policy, reference, sources, inputs)
     setup.state = stage.state(setup)
     global_prompts = stage.prompts_per_process(cfg) * run.world
     setup.model = run.prepare(module, resolve_max_steps(cfg, len(data), global_prompts), extra_state=setup.state)
