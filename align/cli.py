@@ -35,13 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"error: unknown stage '{stage}'\n\n{usage()}", file=sys.stderr)
         return 2
+    where = process_label()
     try:
         cfg = load_config(config_class(stage), rest, prog=f"align {stage}")
         result = runner(stage)(cfg)
     except AlignError as e:
         for line in str(e).splitlines() or [""]:
-            print(f"error: {line}", file=sys.stderr)
+            print(f"error{where}: {line}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not (where and peer_lost(e)):
+            raise
+        print(f"error{where}: stopped because another process of the run failed or was killed (its error is "
+              f"above; {str(e).splitlines()[0][:200]})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -50,12 +57,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def process_label() -> str:
+    """' (process R of N)' in a multi-process launch (torchrun / accelerate launch set RANK and WORLD_SIZE), so an
+    error names the process that failed; '' for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f" (process {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether a collective failed because another process went away (it printed its own error)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def entry() -> None:
     """The `align` command (and `python -m align.cli`): `main`, then, after a run that succeeded, leave the
     process group together."""
     rc = main()
     if rc == 0:
         leave_process_group()
+    elif process_label():
+        # a failed process of a multi-process run leaves at once: the process group's teardown would wait for, or
+        # abort on, peers that are gone, and the launcher should see this exit code first
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     sys.exit(rc)
 
 

@@ -197,3 +197,31 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(kind, stage
                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert max_diff(saved(str(cut)), saved(str(full))) < 1e-6
+
+
+FAILS_ON_RANK_1 = """import os
+def fails_on_rank_1(prompts, completions, **kw):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("disk quota exceeded on node 2")
+    return [float(len(set(c))) for c in completions]
+"""
+
+
+@needs_torchrun
+def test_a_failure_on_one_process_stops_the_run_and_names_the_process(tiny_model_dir, data, tmp_path):
+    (tmp_path / "r.py").write_text(FAILS_ON_RANK_1)
+    out = tmp_path / "out"
+    argv = ["grpo", "--model", tiny_model_dir, "--train_data", data["prompts"], "--reward_funcs",
+            f"{tmp_path / 'r.py'}:fails_on_rank_1", "--num_generations", "2", "--per_device_train_batch_size", "4",
+            *RL, *COMMON, "--output_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run(launch_cmd("ddp", 29657, argv), env=env, capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert res.returncode != 0
+    lines = res.stderr.splitlines()
+    assert ("error (process 1 of 2): reward 'fails_on_rank_1' failed at prompt" in res.stderr
+            and "ValueError: disk quota exceeded on node 2" in res.stderr), res.stderr[-3000:]
+    assert any(ln.startswith("error (process 0 of 2): stopped because another process of the run failed")
+               for ln in lines), res.stderr[-3000:]
+    assert "Traceback" not in "\n".join(ln for ln in lines if ln.startswith("[rank"))  # no worker traceback
+    assert not (out / "model.safetensors").exists()  # nothing that looks like a finished run

@@ -174,9 +174,7 @@ def compute_ref_logps(lm: nn.Module, comps: list[Comparison], run: Run, batch_si
         with run.accelerator.autocast():
             v = response_logps(lm, collate_logps([comps[i] for i in chunk], pad_id, share), run.device)
         out[int(probe.offsets[chunk[0]]):int(probe.offsets[chunk[-1] + 1])] = v.float()
-    if run.world > 1:
-        out = run.accelerator.reduce(out, reduction="sum")
-    return out.cpu()
+    return run.all_sum(out).cpu()
 
 
 def fingerprint(ref: nn.Module, data: dict[str, list[Comparison]], cfg) -> str:

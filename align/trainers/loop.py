@@ -267,6 +267,16 @@ class Run:
         opt.zero_grad(set_to_none=True)
         return out
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `t` over processes (`t` itself on one process): the one all-reduce that align
+        makes outside accelerate's wrappers (TRPO's gradient, Fisher products, line search and critic fit, the
+        iterative reward model's gradients, DPO's reference cache, metrics). Every process must call it, with a
+        plain (unsharded) tensor of the same shape; it runs on torch.distributed's default group, which DDP,
+        FSDP and DeepSpeed all use, so it is the same under every strategy."""
+        if self.world == 1:
+            return t
+        return self.accelerator.reduce(t, reduction="sum")
+
     def sum_gradients(self, params: Sequence[nn.Parameter]) -> None:
         """Sum the gradients of `params` over processes in place (a missing gradient counts as zeros): for
         modules accelerate did not wrap, whose backward has no all-reduce hooks."""
@@ -275,14 +285,11 @@ class Run:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad = self.accelerator.reduce(p.grad, reduction="sum")
+            p.grad = self.all_sum(p.grad)
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Sum a list of floats over processes."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            t = self.accelerator.reduce(t, reduction="sum")
-        return t.tolist()
+        return self.all_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     def mean_over_processes(self, metrics: dict[str, Any]) -> dict[str, float]:
         """Each metric (a number or 0-dim tensor of this process) averaged over processes."""

@@ -290,7 +290,7 @@ class TRPOStep:
                 line_search_steps=cfg.line_search_steps, backtrack_ratio=cfg.backtrack_ratio,
                 accept_ratio=cfg.accept_ratio, kl_tolerance=cfg.kl_tolerance,
                 micro_batches=cfg.gradient_accumulation_steps, fisher_fraction=cfg.fisher_fraction,
-                reduce=self._reduce, autocast=run.accelerator.autocast, fisher=cfg.fisher_product)
+                reduce=run.all_sum, autocast=run.accelerator.autocast, fisher=cfg.fisher_product)
         if res.steps == 0 and run.is_main:
             logger.info("step %d: no TRPO step: %s", step + 1, res.last_reason)
         elif not res.accepted and run.is_main:
@@ -305,9 +305,6 @@ class TRPOStep:
             run.scheduler.step()  # the schedule is the critic's; it advances once per TRPO step
         out.update(stats)
         return out
-
-    def _reduce(self, t: Tensor) -> Tensor:
-        return self.run.accelerator.reduce(t, reduction="sum") if self.run.world > 1 else t
 
     def fit_critic(self, r: Rollout, targets: Tensor) -> dict[str, float]:
         """vf_iters AdamW updates of the critic on ½(V_t − R̂_t)² (token mean over the whole batch). The policy
