@@ -283,7 +283,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 # `align <stage> --help` groups: field name -> topic; a stage's own fields form a group of their own
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model", "ref_model", "reward_model", "value_model", "dtype", "trust_remote_code", "use_lora", "lora_r",
-              "lora_alpha", "lora_dropout", "lora_target_modules", "gradient_checkpointing"),
+              "lora_alpha", "lora_dropout", "lora_target_modules", "share_base", "gradient_checkpointing"),
     "data": ("train_data", "eval_data", "train_split", "eval_split", "column_map", "max_length", "eval_max_samples"),
     "optimisation": ("max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
@@ -423,6 +423,12 @@ class PPOConfig(RLConfig):
                               "gets a new one), or 'policy' for a value head on the policy's trunk (half the "
                               "compute, but the value loss then trains the policy's weights too: keep rewards "
                               "near unit scale or vf_coef small); default: reward_model when set, else model.")
+    share_base: bool = _f(True, "With use_lora: one copy of the base weights for the policy, the reference, the "
+                                "critic and the reward model, each a LoRA adapter of its own (with its head) on "
+                                "the policy's base, when reward_model and value_model are model itself or LoRA "
+                                "adapters trained on it (`align rm --use_lora`); the others keep separate copies "
+                                "(one log line says which). false: separate copies for the critic and reward "
+                                "model.")
 
 
 @dataclass

@@ -21,6 +21,8 @@ The functions accept the transformers model, a peft wrapper around it, or a :cla
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -30,8 +32,9 @@ from torch import nn
 
 from .config import AlignError
 from .data import position_ids_from_mask
-from .models import (_has_safetensors, _is_adapter_dir, _load_failure, _record_source, adapter_base, apply_lora,
-                     check_model_path, inner_model, make_trainable, no_split_modules, unwrap_peft)
+from .models import (_has_safetensors, _is_adapter_dir, _load_failure, _record_source, adapter_base, add_adapter,
+                     apply_lora, check_model_path, inner_model, lm_parts, make_trainable, no_split_modules, same_model,
+                     seeded, unwrap_peft, use_adapters)
 
 SCORE_MODULE = "score"
 
@@ -61,6 +64,8 @@ def scalar_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         model = model.model
     while hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
         model = model.module
+    if isinstance(model, SharedScalarModel):
+        return model.backbone, model.score
     base = unwrap_peft(model)
     backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     head = getattr(base, SCORE_MODULE, None)
@@ -173,7 +178,10 @@ class ScalarModel(nn.Module):
 
 def init_score_head(model: nn.Module, seed: int = 0) -> None:
     """Deterministic head init without touching the global RNG: weight ~ N(0, 1/(H+1)), bias 0."""
-    _, head = scalar_parts(model)
+    _init_head(scalar_parts(model)[1], seed)
+
+
+def _init_head(head: nn.Linear, seed: int) -> None:
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         w = torch.randn(head.weight.shape, generator=g, dtype=torch.float32) / math.sqrt(head.in_features + 1)
@@ -273,12 +281,170 @@ def apply_scalar_lora(model, r: int, alpha: int, dropout: float, target_modules:
     return apply_lora(model, r, alpha, dropout, targets, task_type="SEQ_CLS", modules_to_save=[SCORE_MODULE])
 
 
-def load_trained_scalar_model(path: str, cfg, weights_dtype: torch.dtype, pad_token_id: int | None):
+def load_trained_scalar_model(path: str, cfg, weights_dtype: torch.dtype, pad_token_id: int | None,
+                              lora_seed: int | None = None):
     """A scalar model a stage trains (the reward model, the PPO critic): :func:`load_scalar_model` (a new head
-    from ``cfg.seed``) with LoRA (``cfg.use_lora``, see :func:`apply_scalar_lora`) and gradient checkpointing
-    as configured."""
+    from ``cfg.seed``) with LoRA (``cfg.use_lora``, see :func:`apply_scalar_lora`; its initial weights drawn from
+    ``lora_seed`` when given, else from the global random stream) and gradient checkpointing as configured."""
     model = load_scalar_model(path, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
                               pad_token_id=pad_token_id)
-    lora = (lambda m: apply_scalar_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-            ) if cfg.use_lora else None
+
+    def lora(m):
+        with seeded(lora_seed):
+            return apply_scalar_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+
+    lora = lora if cfg.use_lora else None
     return make_trainable(model, cfg.gradient_checkpointing, lora)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scalar models that share a causal LM's base weights
+
+
+class AdapterBackbone(nn.Module):
+    """The backbone (decoder) of a causal-LM peft model ``host`` run with its LoRA adapters ``adapters`` active
+    (their updates summed): the backbone of a scalar model that keeps no base weights of its own. The host is
+    referenced, not registered: its parameters belong to the module that owns it (the policy)."""
+
+    def __init__(self, host: nn.Module, adapters: list[str]):
+        super().__init__()
+        self._host = (host,)  # a tuple: not a submodule
+        self.adapters = list(adapters)
+
+    @property
+    def host(self) -> nn.Module:
+        return self._host[0]
+
+    def forward(self, **kwargs):
+        backbone, _ = lm_parts(self.host)
+        with use_adapters(self.host, self.adapters):
+            return backbone(**kwargs)
+
+
+class SharedScalarModel(nn.Module):
+    """A reward or value model made of LoRA adapters on the base weights of a causal-LM peft model (``host``, the
+    policy) and a score head of its own, so the base weights are held once for both. It is called like any
+    scalar model (:func:`sequence_scores`, :func:`token_values`, ...: :func:`scalar_parts` gives its backbone,
+    the host's run with ``adapters`` active, and ``score``). Its own parameters are the head's only; its
+    adapters' weights are the host's (trainable or frozen as the host has them, see
+    :func:`align.models.freeze_adapters`)."""
+
+    def __init__(self, host: nn.Module, adapters: list[str], score: nn.Linear):
+        super().__init__()
+        self.backbone = AdapterBackbone(host, adapters)
+        self.score = score
+
+    @property
+    def host(self) -> nn.Module:
+        return self.backbone.host
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.backbone.adapters
+
+    @property
+    def config(self):
+        """The host's transformers config (attention implementation, dtype, ...)."""
+        return unwrap_peft(self.host).config
+
+
+_HEAD_KEY = f"base_model.model.{SCORE_MODULE}."  # where peft saves a scalar adapter's head (modules_to_save)
+_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_adapter_of(path: str, model: str) -> bool:
+    """Whether ``path`` is a LoRA adapter directory of a scalar model (what `align rm --use_lora` saves, or a LoRA
+    PPO run's value_model) trained on ``model`` itself, with safetensors weights: one that can run on ``model``'s
+    base weights as a named adapter (:func:`add_scalar_adapter`)."""
+    if not _is_adapter_dir(path) or not os.path.isfile(os.path.join(path, _ADAPTER_WEIGHTS)):
+        return False
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+            info = json.load(fh)
+        return (info.get("peft_type") == "LORA" and info.get("task_type") == "SEQ_CLS"
+                and same_model(str(info.get("base_model_name_or_path") or ""), model))
+    except (OSError, ValueError):
+        return False
+
+
+def _registry(host: nn.Module) -> dict[str, tuple[str, nn.Linear]]:
+    """The scalar adapters loaded on `host`: real path -> (adapter name, score head)."""
+    return host.__dict__.setdefault("_align_scalar_adapters", {})
+
+
+def add_scalar_adapter(host: nn.Module, path: str, name: str) -> tuple[str, nn.Linear]:
+    """The scalar-model adapter saved in ``path`` (see :func:`is_adapter_of`) as a frozen LoRA adapter of the
+    causal-LM peft model ``host``: (its adapter name, its trained score head, frozen, on the host's device and
+    dtype). Loaded once per host: a second call with the same path (the reward model as the critic's starting
+    point) returns the first one's name and head."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    key = os.path.realpath(path)
+    if key in _registry(host):
+        return _registry(host)[key]
+    config = LoraConfig.from_pretrained(path)
+    # on a causal LM: no head to wrap (the head is kept apart), no dropout (frozen, inference only)
+    config = dataclasses.replace(config, task_type="CAUSAL_LM", modules_to_save=None, inference_mode=True,
+                                 lora_dropout=0.0)
+    state = load_file(os.path.join(path, _ADAPTER_WEIGHTS))
+    head_state = {k[len(_HEAD_KEY):]: v for k, v in state.items() if k.startswith(_HEAD_KEY)}
+    lora_state = {k: v for k, v in state.items() if not k.startswith(_HEAD_KEY)}
+    if "weight" not in head_state:
+        raise AlignError(f"{path}: adapter without a trained '{SCORE_MODULE}' head ({_HEAD_KEY}weight)")
+    try:
+        add_adapter(host, name, config, trainable=False)
+        result = set_peft_model_state_dict(host, lora_state, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise AlignError(f"{path}: cannot load it as adapter '{name}' of the policy's base model: {e}") from None
+    if getattr(result, "unexpected_keys", None):
+        raise AlignError(f"{path}: adapter weights that the base model has no place for: "
+                         f"{', '.join(result.unexpected_keys[:3])}")
+    ref = next(unwrap_peft(host).parameters())
+    w = head_state["weight"]
+    head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in head_state, dtype=ref.dtype, device=ref.device)
+    head.load_state_dict(head_state)
+    head.requires_grad_(False)
+    _registry(host)[key] = (name, head)
+    return name, head
+
+
+def new_score_head(host: nn.Module, seed: int, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A score head for the backbone of the causal LM ``host``, shaped as its ``*ForSequenceClassification`` head
+    (hidden -> 1, with a bias where that class has one) and initialised as :func:`init_score_head` does."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = unwrap_peft(host)
+    config = copy.deepcopy(base.config)
+    config.num_labels = 1
+    try:
+        with torch.device("meta"), _quiet_loading():
+            layout = getattr(AutoModelForSequenceClassification.from_config(config), SCORE_MODULE)
+    except Exception as e:
+        raise AlignError(f"{type(base).__name__}: cannot make a value head for it: {e}") from None
+    ref = next(base.parameters())
+    head = nn.Linear(layout.in_features, layout.out_features, bias=layout.bias is not None, device=ref.device,
+                     dtype=dtype or ref.dtype)
+    _init_head(head, seed)
+    return head
+
+
+def save_scalar_adapter(model: SharedScalarModel, adapter: str, base: str, out_dir: str) -> None:
+    """Write adapter ``adapter`` of a :class:`SharedScalarModel`'s host and the model's score head into
+    ``out_dir`` as a LoRA adapter of a scalar model on ``base``, in the layout `align rm --use_lora` saves (the
+    head as peft's ``modules_to_save``): :func:`load_scalar_model`, AutoPeftModelForSequenceClassification and
+    ``align export`` load it."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.host.peft_config[adapter])
+    config.task_type = "SEQ_CLS"
+    config.modules_to_save = [SCORE_MODULE]
+    config.base_model_name_or_path = base
+    config.inference_mode = True
+    state = get_peft_model_state_dict(model.host, adapter_name=adapter, save_embedding_layers=False)
+    state.update({_HEAD_KEY + k: v for k, v in model.score.state_dict().items()})
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, _ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config.save_pretrained(out_dir)

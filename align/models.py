@@ -7,8 +7,9 @@ Every model goes through `from_pretrained`, the built-in tiny model included (it
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -399,3 +400,139 @@ def load_trained_lm(cfg, tokenizer, weights_dtype: torch.dtype):
     lora = (lambda m: apply_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
             ) if cfg.use_lora else None
     return make_trainable(model, cfg.gradient_checkpointing, lora)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several LoRA adapters on one base
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model: the same local directory (however spelled), or the same
+    hub id."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a == b
+
+
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def use_adapters(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Inside, every LoRA layer of the peft model `model` computes with the adapters ``names`` (their updates
+    summed; an empty list: none, i.e. the base model), then the previous choice is restored.
+
+    Unlike peft's ``set_adapter`` / ``disable_adapter``, it never changes ``requires_grad``: peft makes the
+    adapter it activates trainable and freezes every other one, which would make a frozen adapter (a reward
+    model's) trainable, and would silently drop the gradients of an adapter whose forward was recorded before
+    the switch (autograd skips a leaf that no longer requires grad at backward time). Which adapters train is
+    set once, by :func:`freeze_adapters`."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    names = list(names)
+    layers = _tuner_layers(model)
+    # modules_to_save copies have one active adapter: they are only switched off (for the base model)
+    aux = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)] if not names else []
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    saved_aux = [m._disable_adapters for m in aux]
+    for m in layers:
+        if names:
+            m._active_adapter = names
+        m._disable_adapters = not names
+    for m in aux:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+        for m, disabled in zip(aux, saved_aux):
+            m._disable_adapters = disabled
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Inside, the global CPU random stream starts from ``seed`` (a fork: the stream outside is untouched); a
+    no-op for None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def add_adapter(model: nn.Module, name: str, config, trainable: bool, seed: int | None = None) -> None:
+    """Add the LoRA adapter ``name`` (a peft ``LoraConfig``) to the peft model `model`, inactive (see
+    :func:`use_adapters`), trainable or frozen; its initial weights are drawn from ``seed`` (see :func:`seeded`).
+    peft's add_adapter resets ``requires_grad`` of every adapter; here each adapter keeps its own."""
+    frozen: set[str] = model.__dict__.setdefault("_align_frozen_adapters", set())
+    with seeded(seed):
+        model.add_adapter(name, config)
+    if not trainable:
+        frozen.add(name)
+    freeze_adapters(model, frozen)
+
+
+def add_lora_adapter(model: nn.Module, name: str, r: int, alpha: int, dropout: float, target_modules: list[str],
+                     seed: int | None = None) -> None:
+    """A new trainable LoRA adapter ``name`` on the causal-LM peft model `model` (see :func:`add_adapter`), with the
+    targets of :func:`apply_lora` less the output head ('all-linear' leaves it out already)."""
+    from peft import LoraConfig
+
+    if list(target_modules) == ["all-linear"]:
+        targets: Any = "all-linear"
+    else:
+        head = unwrap_peft(model).get_output_embeddings()
+        head_names = {n for n, m in unwrap_peft(model).named_modules() if m is head}
+        head_names |= {n.rsplit(".", 1)[-1] for n in head_names}
+        targets = [t for t in target_modules if t not in head_names]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        add_adapter(model, name, config, trainable=True, seed=seed)
+    except ValueError as e:
+        raise AlignError(f"lora_target_modules {target_modules}: {_first_line(e)}") from None
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the LoRA adapters of a peft model, in the order they were added."""
+    return list(getattr(model, "peft_config", {}) or {})
+
+
+def freeze_adapters(model: nn.Module, frozen: set[str] | list[str]) -> None:
+    """Make the weights of the adapters in ``frozen`` untrainable and those of every other adapter of the peft
+    model `model` trainable (the base weights are left as they are: frozen by peft)."""
+    frozen = set(frozen)
+    for m in _tuner_layers(model):
+        for layer_name in m.adapter_layer_names:
+            for key, layer in getattr(m, layer_name).items():
+                layer.requires_grad_(key not in frozen)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` of the peft model `model`."""
+    out = []
+    for m in _tuner_layers(model):
+        for layer_name in m.adapter_layer_names:
+            layers = getattr(m, layer_name)
+            if name in layers:
+                item = layers[name]
+                out += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+    return out
+
+
+@contextlib.contextmanager
+def only_adapter(model: nn.Module, name: str = "default") -> Iterator[None]:
+    """Inside, ``save_pretrained`` of the peft model `model` writes its adapter ``name`` alone, as when it is the
+    model's only adapter (peft would save every other one too, in sub-folders named after them)."""
+    import functools
+
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, selected_adapters=[name])
+    try:
+        yield
+    finally:
+        del model.save_pretrained
+

@@ -287,15 +287,17 @@ def functions(specs: Sequence[str]) -> dict[str, RewardFn]:
     return {source_name(spec): load_function(spec) for spec in specs}
 
 
-def reward_sources(cfg, device) -> dict[str, RewardFn]:
+def reward_sources(cfg, device, host: Any = None) -> dict[str, RewardFn]:
     """name -> reward function of an RL config: the reward model (if set, first, loaded once) then reward_funcs,
-    in config order."""
+    in config order. ``host``: the policy (a peft model) when the reward model is a LoRA adapter of its base
+    model, to be loaded as the policy's frozen adapter 'reward' on its base weights (see
+    :class:`align.scoring.RewardModelScorer`)."""
     sources: dict[str, RewardFn] = {}
     if cfg.reward_model:
         from .scoring import RewardModelScorer
 
         sources[REWARD_MODEL_NAME] = RewardModelScorer(cfg.reward_model, device=device, dtype=cfg.dtype,
                                                        batch_size=max(cfg.per_device_eval_batch_size, 1),
-                                                       trust_remote_code=cfg.trust_remote_code)
+                                                       trust_remote_code=cfg.trust_remote_code, host=host)
     sources.update(functions(cfg.reward_funcs))
     return sources

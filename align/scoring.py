@@ -31,7 +31,7 @@ import torch
 from .config import AlignError, Checked, _f
 from .data import (Rows, batched, encode_completion, encode_prompt, is_chat, left_pad, read_rows, require_text,
                    short_repr, write_atomic)
-from .heads import load_scalar_model, sequence_scores
+from .heads import SharedScalarModel, add_scalar_adapter, load_scalar_model, sequence_scores
 from .models import default_device, frozen_dtype, load_tokenizer
 
 
@@ -42,17 +42,28 @@ class RewardModelScorer:
     with one label. ``dtype``: ``"auto"`` (float32 on CPU, bfloat16 on capable GPUs), a dtype name or a
     ``torch.dtype``. ``batch_size``: sequences per forward (sorted by length to limit padding).
     ``max_length``: if > 0, longer sequences keep their last ``max_length`` tokens (the reward is read at the
-    end); 0 keeps everything."""
+    end); 0 keeps everything.
+
+    ``host``: a causal-LM peft model (the policy of a LoRA RL run) on the base model the reward model's LoRA
+    adapter was trained on (:func:`align.heads.is_adapter_of`): the adapter is then loaded as the host's frozen
+    adapter 'reward' and scores with the host's base weights (:class:`align.heads.SharedScalarModel`), instead
+    of a second copy of them; the scores are those of the reward model loaded on its own (up to float
+    rounding: the adapter is not merged). ``dtype`` is then the host's."""
 
     def __init__(self, path: str, device: torch.device | str | None = None, dtype: torch.dtype | str = "auto",
-                 batch_size: int = 32, max_length: int = 0, trust_remote_code: bool = False):
+                 batch_size: int = 32, max_length: int = 0, trust_remote_code: bool = False, host=None):
         self.device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):
             dtype = frozen_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
-        self.model = load_scalar_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device,
-                                       pad_token_id=self.tokenizer.pad_token_id, require_head=True)
-        self.model.eval().requires_grad_(False)
+        if host is not None:
+            name, head = add_scalar_adapter(host, path, "reward")
+            self.model = SharedScalarModel(host, [name], head).to(self.device)
+        else:
+            self.model = load_scalar_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                           device=self.device, pad_token_id=self.tokenizer.pad_token_id,
+                                           require_head=True)
+        self.model.eval().requires_grad_(False)  # shared: the head (the host keeps its adapter frozen)
         self.batch_size = max(1, int(batch_size))
         self.max_length = int(max_length)
         self.path = path

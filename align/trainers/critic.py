@@ -3,30 +3,52 @@ value model as one trained module, its values on a rollout, and saving both.
 
 The critic is a separate scalar-head model (a reward model keeps its head, a causal LM gets a new one) or, with
 ``value_model: policy``, a linear value head on the policy's last hidden states.
+
+One base (PPO with ``use_lora`` and ``share_base``): when the critic starts from the policy's model itself or
+from a LoRA adapter of a scalar model trained on it (a LoRA reward model), the critic is not a second copy of
+the base weights but the policy's own base with a LoRA adapter of its own, 'critic', and a value head
+(:class:`align.heads.SharedScalarModel`): ``base + critic`` for a causal LM, ``base + frozen reward-model
+adapter + critic`` for a reward model (the reward model merged into its base plus a new adapter, as the
+separate copy is). The policy's pass runs with its adapter 'default', the critic's pass with its adapters;
+the switch never touches ``requires_grad`` (:func:`align.models.use_adapters`), so both passes of one forward
+reach their own weights. :func:`plan_base_sharing` decides which roles share the base.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import AlignError
-from ..heads import load_trained_scalar_model, token_values
-from ..models import SelectiveLM, disable_dropout, lm_parts, no_split_modules
+from ..heads import (SharedScalarModel, add_scalar_adapter, is_adapter_of, load_trained_scalar_model, new_score_head,
+                     save_scalar_adapter, token_values)
+from ..models import (SelectiveLM, adapter_parameters, add_lora_adapter, disable_dropout, lm_parts, no_split_modules,
+                      only_adapter, same_model)
 from ..rollout import Rollout, scatter_tokens, sequence_inputs
+from .checkpoints import error_line
 from .loop import Run
-from .outputs import files_renamed_into, gathered_state, push_final, save_model
+from .outputs import files_renamed_into, gathered_state, push_final, save_model, save_pretrained
+
+CRITIC_ADAPTER = "critic"  # the critic's trainable adapter on the policy's base (one base)
 
 Tensor = torch.Tensor
 
 
 class PolicyAndValue(nn.Module):
     """The policy and its critic as one module (one optimizer, one DDP wrapper, one checkpoint): a separate
-    scalar-head model (`critic`) or a linear value head on the policy's last hidden states (`value_head`). The
-    forward computes logits and values only at the selected positions (those that predict a completion token,
-    V_t being the value before token t)."""
+    scalar-head model (`critic`), a :class:`SharedScalarModel` (`critic`: adapters and a head on the policy's
+    base weights; its trainable adapter is then a parameter of the policy's peft model, see
+    `critic_parameters`) or a linear value head on the policy's last hidden states (`value_head`). The forward
+    computes logits and values only at the selected positions (those that predict a completion token, V_t being
+    the value before token t); with a shared critic it runs the base twice, with the policy's adapter and then
+    with the critic's."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None = None, value_head: nn.Linear | None = None):
         super().__init__()
@@ -61,8 +83,17 @@ class PolicyAndValue(nn.Module):
             return self.value_head(hidden[select]).squeeze(-1).float()
         return token_values(self.critic, input_ids, attention_mask, position_ids)[select]
 
+    @property
+    def shares_base(self) -> bool:
+        """Whether the critic is adapters on the policy's base weights (:class:`SharedScalarModel`)."""
+        return isinstance(self.critic, SharedScalarModel)
+
     def critic_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters that are not the policy's (the critic's, or the value head's)."""
+        """The trainable parameters that are not the policy's (the critic's, or the value head's); with one base,
+        the critic's head and its trainable adapters on the policy's base."""
+        if self.shares_base:
+            own = [p for name in self.critic.adapters for p in adapter_parameters(self.policy.model, name)]
+            return [p for p in [*self.critic.parameters(), *own] if p.requires_grad]
         policy = set(id(p) for p in self.policy.parameters())
         return [p for p in self.parameters() if p.requires_grad and id(p) not in policy]
 
@@ -72,9 +103,62 @@ def critic_source(cfg) -> str:
     return cfg.value_model or cfg.reward_model or cfg.model
 
 
-def with_critic(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> PolicyAndValue:
+@dataclass
+class BaseSharing:
+    """Which models of a LoRA RL run are adapters on the policy's base weights (see :func:`plan_base_sharing`)."""
+
+    reward_model: bool  # the reward model: the policy's frozen adapter 'reward' and a head
+    critic: bool  # the critic: the policy's adapter 'critic' (+ a frozen starting adapter) and a head
+    line: str  # one line that says what shares the base and what does not, and why
+
+
+def plan_base_sharing(cfg, stage: str, sharded: bool) -> BaseSharing:
+    """Which of the reward model and the critic of a ``use_lora`` run can run on the policy's base weights: the
+    reward model when it is a LoRA adapter of a scalar model trained on ``cfg.model``
+    (:func:`align.heads.is_adapter_of`); the critic when its source (:func:`critic_source`) is ``cfg.model``
+    itself or such an adapter, and gradient checkpointing is off (its recomputation in the backward pass would
+    run with whichever adapter is active then). Neither under FSDP or DeepSpeed (``sharded``): their
+    wrappers gather a module's weights per forward, and the policy's would be used by several models. The
+    others keep their own copy, as without ``share_base``; ``line`` says which and why."""
+    shared, separate = ["the policy", "the reference"], []
+    if cfg.ref_model and not same_model(cfg.ref_model, cfg.model):
+        shared, separate = ["the policy"], [f"the reference (ref_model {cfg.ref_model} is not model)"]
+    why_all = "the weights are sharded by FSDP/DeepSpeed" if sharded else ""
+    rm = False
+    if cfg.reward_model:
+        rm = not why_all and is_adapter_of(cfg.reward_model, cfg.model)
+        if rm:
+            shared.append("the reward model (adapter 'reward')")
+        else:
+            why = why_all or f"{cfg.reward_model} is not a LoRA adapter of {cfg.model}"
+            separate.append(f"the reward model ({why})")
+    source = critic_source(cfg)
+    critic = False
+    if getattr(cfg, "value_model", None) is not None and source != "policy":
+        why = why_all or ("gradient_checkpointing is on: its recomputation would run with the wrong adapter"
+                          if cfg.gradient_checkpointing else "")
+        if not why and not (same_model(source, cfg.model) or is_adapter_of(source, cfg.model)):
+            why = f"{source} is neither model nor a LoRA adapter of it"
+        critic = not why
+        if critic:
+            shared.append("the critic (adapter 'critic')")
+        else:
+            separate.append(f"the critic ({why})")
+    line = f"{stage}: one copy of the base weights for {_words(shared)}"
+    if separate:
+        line += f"; separate copies for {_words(separate)}"
+    return BaseSharing(rm, critic, line)
+
+
+def _words(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def with_critic(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module, share_base: bool = False) -> PolicyAndValue:
     """The policy and the critic of ``cfg.value_model`` (default: reward_model when set, else model; 'policy': a
-    zero-initialised value head on the policy's trunk), with LoRA when ``cfg.use_lora``."""
+    zero-initialised value head on the policy's trunk), with LoRA when ``cfg.use_lora`` (the new adapter drawn
+    from ``cfg.seed + 1``). ``share_base`` (checked by :func:`plan_base_sharing`): the critic is adapters and a
+    head on the policy's base weights (:func:`shared_critic`)."""
     choice = critic_source(cfg)
     if choice == "policy":
         _, head = lm_parts(policy)
@@ -82,7 +166,9 @@ def with_critic(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> Policy
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
         return PolicyAndValue(policy, value_head=value_head)
-    critic = load_trained_scalar_model(choice, cfg, dtype, tokenizer.pad_token_id)
+    if share_base:
+        return PolicyAndValue(policy, critic=shared_critic(cfg, policy, dtype))
+    critic = load_trained_scalar_model(choice, cfg, dtype, tokenizer.pad_token_id, lora_seed=cfg.seed + 1)
     n_critic = critic.get_input_embeddings().num_embeddings
     n_policy = policy.get_input_embeddings().num_embeddings
     if n_critic != n_policy:
@@ -90,6 +176,25 @@ def with_critic(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> Policy
                          f"the critic reads the policy's token ids, so it must share its tokenizer")
     disable_dropout(critic)
     return PolicyAndValue(policy, critic=critic)
+
+
+def shared_critic(cfg, policy: nn.Module, dtype: torch.dtype) -> SharedScalarModel:
+    """The critic as adapters on the policy's base weights (``policy``: a causal-LM peft model): a new trainable
+    LoRA adapter 'critic' (cfg's LoRA settings, drawn from ``cfg.seed + 1``) and a value head; from a reward
+    model's adapter, on top of that adapter (frozen, shared with the reward model when it is the same) with a
+    trainable copy of its head; from the model itself, with a new head from ``cfg.seed``. The same function as
+    the separate copy of :func:`with_critic` (up to float rounding: the starting adapter is not merged)."""
+    source = critic_source(cfg)
+    if same_model(source, cfg.model):
+        start, head = [], new_score_head(policy, cfg.seed, dtype)
+    else:
+        name, frozen_head = add_scalar_adapter(policy, source, "critic_init")
+        start, head = [name], copy.deepcopy(frozen_head)
+    head.requires_grad_(True)
+    add_lora_adapter(policy, CRITIC_ADAPTER, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                     seed=cfg.seed + 1)
+    disable_dropout(policy)  # the new adapter's dropout (the separate critic has none either)
+    return SharedScalarModel(policy, [*start, CRITIC_ADAPTER], head)
 
 
 def policy_of(net: nn.Module) -> SelectiveLM:
@@ -118,10 +223,15 @@ def save_policy_and_critic(run: Run, tokenizer, push: bool = True) -> None:
         net = run.unwrap()
         cfg = run.cfg
         if not isinstance(net, PolicyAndValue):
-            save_model(run, net.model, out_dir, tokenizer, full, "model.", cfg.model)
+            with _policy_adapter_only(net.model):
+                save_model(run, net.model, out_dir, tokenizer, full, "model.", cfg.model)
         else:
-            save_model(run, net.policy.model, out_dir, tokenizer, full, "policy.model.", cfg.model)
-            if net.critic is not None:
+            with _policy_adapter_only(net.policy.model):
+                save_model(run, net.policy.model, out_dir, tokenizer, full, "policy.model.", cfg.model)
+            if net.shares_base:
+                save_shared_critic(run, net.critic, os.path.join(out_dir, "value_model"), tokenizer,
+                                   critic_source(cfg))
+            elif net.critic is not None:
                 save_model(run, net.critic, os.path.join(out_dir, "value_model"), tokenizer, full, "critic.",
                            critic_source(cfg))
             else:
@@ -133,3 +243,38 @@ def save_policy_and_critic(run: Run, tokenizer, push: bool = True) -> None:
     run.accelerator.wait_for_everyone()
     if push:
         push_final(run)
+
+
+def _policy_adapter_only(model: nn.Module) -> contextlib.AbstractContextManager:
+    """A policy with other adapters on its base (the reward model's, the critic's) saves its own alone."""
+    return only_adapter(model, "default") if len(getattr(model, "peft_config", None) or {}) > 1 \
+        else contextlib.nullcontext()
+
+
+def save_shared_critic(run: Run, critic: SharedScalarModel, out_dir: str, tokenizer, base: str) -> None:
+    """On the main process: a one-base critic saved as the separate critic would be, a LoRA adapter of a scalar
+    model on ``base`` (the critic's source) with its head, and the tokenizer (:func:`save_scalar_adapter`); with
+    ``merge_lora``, merged into ``base`` instead (a full scalar model)."""
+    from ..export import ADAPTER_FILES, merge_saved_adapter
+
+    try:
+        if not run.cfg.merge_lora:
+            with files_renamed_into(out_dir) as tmp:  # written whole or not at all
+                save_scalar_adapter(critic, CRITIC_ADAPTER, base, tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".adapter-", dir=out_dir)
+        try:
+            save_scalar_adapter(critic, CRITIC_ADAPTER, base, tmp)
+            merged = merge_saved_adapter(tmp, base, tokenizer, run.weights_dtype, run.cfg.trust_remote_code)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise AlignError(f"{out_dir}: cannot save the critic ({error_line(e)}); the run's checkpoints are kept "
+                         f"(--resume_from_checkpoint latest finishes the run and saves again)") from None
+    for name in ADAPTER_FILES:  # an earlier adapter save here would make loaders take the folder for an adapter
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    save_pretrained(merged, out_dir, tokenizer, None, "")

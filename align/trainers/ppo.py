@@ -17,6 +17,10 @@ One step (Ouyang et al. 2022; Ziegler et al. 2019; Schulman et al. 2017):
 
 The trained modules (policy and critic, or policy and a value head) are one `PolicyAndValue` module
 (`trainers/critic.py`): one optimizer, one DDP wrapper, one checkpoint.
+
+With ``use_lora`` (and ``share_base``, the default) the run holds one copy of the base weights: the policy is
+the base with its adapter, the reference the base with adapters off, and a LoRA reward model and the critic are
+adapters of their own on the same base, each with its head (`critic.plan_base_sharing` says which, in one line).
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ def _controller(setup: RLSetup) -> KLController:
 
 
 PPO = RLStage("ppo", PPOStep, check=check_ppo_config, module=with_critic, uses_reference=lambda cfg: True,
-              num_generations=lambda cfg: 1, state=_controller)
+              num_generations=lambda cfg: 1, state=_controller, share_base=lambda cfg: cfg.share_base)
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:

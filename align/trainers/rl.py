@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -23,12 +24,12 @@ from ..data import PromptData, global_batch_indices, load_prompt_data, prompt_co
 from ..evaluate import greedy_eval
 from ..losses import explained_variance, masked_mean
 from ..models import (SelectiveLM, disable_dropout, frozen_dtype, load_causal_lm, load_tokenizer, load_trained_lm,
-                      sync_special_tokens)
+                      same_model, sync_special_tokens, use_adapters)
 from ..rewards import REWARD_MODEL_NAME, check_reward_columns, functions, reward_sources
 from ..rollout import (Rollout, completion_logprobs, completion_uniforms, generate, group_completion_logprobs,
                        make_rollout)
 from .checkpoints import check_output_dir
-from .critic import PolicyAndValue, policy_of, rollout_values, save_policy_and_critic, with_critic
+from .critic import PolicyAndValue, plan_base_sharing, policy_of, rollout_values, save_policy_and_critic, with_critic
 from .loop import Run, resolve_max_steps, seed_everything
 from .outputs import push_final
 
@@ -108,7 +109,7 @@ class Reference:
     def load(cls, cfg, policy: nn.Module, tokenizer, run: Run) -> "Reference":
         """The reference of an RL config: the policy with its adapter disabled (LoRA, no other ref_model), else
         ref_model (default: model) loaded frozen, placed per the strategy (`Run.shard_frozen`)."""
-        if cfg.use_lora and (not cfg.ref_model or cfg.ref_model == cfg.model):
+        if cfg.use_lora and (not cfg.ref_model or same_model(cfg.ref_model, cfg.model)):
             return cls(None, adapter_host=policy, gather=run.full_weights)
         model = load_causal_lm(cfg.ref_model or cfg.model, dtype=frozen_dtype(cfg.dtype, run.device),
                                trust_remote_code=cfg.trust_remote_code, device=run.device)
@@ -125,7 +126,9 @@ class Reference:
             if self.lm is not None:
                 yield self.lm
                 return
-            with self.adapter_host.disable_adapter():
+            # every adapter off (the policy's, and a reward model's or critic's on the same base), without peft's
+            # disable_adapter, which would leave only the active adapter trainable on exit
+            with use_adapters(self.adapter_host, []):
                 yield SelectiveLM(self.adapter_host)
 
 
@@ -302,6 +305,16 @@ class RLStage:
     state: Callable[[RLSetup], Any] = lambda setup: None  # extra checkpointed state (state_dict/load_state_dict)
     prompt_once: bool = False  # the reference encodes each prompt once for its group
     finish: Callable[[RLSetup], None] = lambda setup: None  # after the policy is saved, on the main process
+    # whether the reward model and the critic may run as LoRA adapters on the policy's base weights (one copy of
+    # them; `module` then takes share_base=True when the critic can): see critic.plan_base_sharing
+    share_base: Callable[[Any], bool] = lambda cfg: False
+
+
+def _sharded(run: Run) -> bool:
+    """Whether the trained module's weights are sharded over processes (FSDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
@@ -314,12 +327,17 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     run = Run(cfg, stage.name)
     policy = load_trained_lm(cfg, tokenizer, run.weights_dtype)
     disable_dropout(policy)
-    sources = reward_sources(cfg, run.device)
-    if REWARD_MODEL_NAME in sources and not getattr(cfg, "rm_update", False):  # a frozen reward model
+    sharing = plan_base_sharing(cfg, stage.name, _sharded(run)) if cfg.use_lora and stage.share_base(cfg) else None
+    if sharing is not None and run.is_main:
+        print(sharing.line, file=sys.stderr, flush=True)
+    shared_rm = sharing is not None and sharing.reward_model
+    sources = reward_sources(cfg, run.device, host=policy if shared_rm else None)
+    if REWARD_MODEL_NAME in sources and not shared_rm and not getattr(cfg, "rm_update", False):  # a frozen one
         scorer = sources[REWARD_MODEL_NAME]
         run.shard_frozen(scorer.model)
         scorer.gather = run.whole
-    module = stage.module(cfg, tokenizer, run.weights_dtype, policy)
+    shared_critic = sharing is not None and sharing.critic
+    module = stage.module(cfg, tokenizer, run.weights_dtype, policy, **({"share_base": True} if shared_critic else {}))
     reference = Reference.load(cfg, policy, tokenizer, run) if stage.uses_reference(cfg) else None
     setup = RLSetup(cfg, run, tokenizer, data, policy, reference, sources, inputs)
     setup.state = stage.state(setup)
