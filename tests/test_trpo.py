@@ -259,3 +259,18 @@ def test_trpo_with_lora_critic_and_accumulation(tiny_model_dir, diversity_data, 
     assert all(r["step_kl"] <= 0.01 for r in rows)
     assert os.path.isfile(os.path.join(out, "adapter_config.json"))
     assert os.path.isfile(os.path.join(out, "value_head.safetensors"))
+
+
+@pytest.mark.parametrize("var,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_trpo_refuses_sharded_strategies_in_one_line(var, name, tiny_model_dir, diversity_data, tmp_path,
+                                                      monkeypatch, capsys):
+    """What `accelerate launch` with an FSDP / DeepSpeed config tells the process: TRPO stops before anything is
+    loaded or written, naming the strategy and what to use instead."""
+    monkeypatch.setenv(var, "true")
+    prompts, reward = diversity_data
+    out = tmp_path / "o"
+    assert main(["trpo", "--model", tiny_model_dir, "--train_data", prompts, "--reward_funcs", reward,
+                 "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"not {name}" in err[0] and "ddp.yaml" in err[0]
+    assert not out.exists()
