@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -285,16 +286,63 @@ def _final_logits(base, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+# a (rows x vocabulary) float32 logits tensor above this many elements (64 MB) is computed in chunks of rows
+CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class LogprobRequest:
+    """Ask a :class:`SelectiveLM` for the log-probabilities of ``labels`` (N,) (the tokens at its N selected
+    positions) at ``temperature`` (and the entropies), instead of the (N, V) logits."""
+
+    labels: torch.Tensor
+    temperature: float = 1.0
+    with_entropy: bool = False
+
+
+class Logprobs(NamedTuple):
+    logp: torch.Tensor  # (N,) float32
+    entropy: torch.Tensor | None  # (N,) float32
+
+
 class SelectiveLM(nn.Module):
     """A causal LM whose forward returns logits only at selected positions.
 
     The output head (often the biggest matrix of a small model) and everything after it run only where a
     logit is used: completion tokens in SFT, sampled tokens in RL. Wrapping the model in a module keeps
-    DDP/FSDP/DeepSpeed hooks on the path (they wrap this module's forward)."""
+    DDP/FSDP/DeepSpeed hooks on the path (they wrap this module's forward).
+
+    Given a :class:`LogprobRequest` it returns :class:`Logprobs` instead: when the (N, V) logits would pass
+    ``CHUNK_ELEMENTS`` (large vocabularies, long completions) they are computed ``logprob_chunk`` rows at a time
+    and never held whole, in the forward or the backward (:mod:`align.chunked`); ``logprob_chunk`` None picks
+    the chunk from that budget, 0 never chunks."""
+
+    logprob_chunk: int | None = None
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    def head_output(self, hidden: torch.Tensor, request: "LogprobRequest | None"):
+        """The head on selected hidden states (N, H): logits (N, V), or Logprobs for a request."""
+        _, head = lm_parts(self.model)
+        if request is None:
+            return _final_logits(unwrap_peft(self.model), head(hidden))
+        from .chunked import head_logprobs
+
+        vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
+        rows = self.logprob_chunk
+        if rows is None:
+            rows = 0 if hidden.shape[0] * vocab <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // max(vocab, 1))
+        if rows == 0:
+            from .losses import entropy_from_logits, token_logprobs
+
+            logits = _final_logits(unwrap_peft(self.model), head(hidden))
+            t = request.temperature
+            ent = entropy_from_logits(logits if t == 1.0 else logits / t).float() if request.with_entropy else None
+            return Logprobs(token_logprobs(logits, request.labels, t).float(), ent)
+        return Logprobs(*head_logprobs(self.model, hidden, request.labels, request.temperature, rows,
+                                       request.with_entropy))
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -303,18 +351,18 @@ class SelectiveLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, select: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, logprobs: LogprobRequest | None = None):
         """input_ids (B,T); select (B,T) bool or None for all positions.
-        Returns logits (N,V) for the N selected positions in row-major order (or (B,T,V) if select is None),
-        and the selected hidden states (N,H) when return_hidden."""
-        backbone, head = lm_parts(self.model)
+        Returns logits (N,V) for the N selected positions in row-major order (or (B,T,V) if select is None) —
+        or, with ``logprobs``, their `Logprobs` — and the selected hidden states (N,H) when return_hidden."""
+        backbone, _ = lm_parts(self.model)
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         if select is not None:
             hidden = hidden[select]
-        logits = _final_logits(unwrap_peft(self.model), head(hidden))
-        return (logits, hidden) if return_hidden else logits
+        result = self.head_output(hidden, logprobs)
+        return (result, hidden) if return_hidden else result
 
 
 class GroupLM(SelectiveLM):
@@ -337,9 +385,10 @@ class GroupLM(SelectiveLM):
     def forward(self, input_ids: torch.Tensor, select: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_hidden: bool = False, completion_ids: torch.Tensor | None = None,
-                completion_mask: torch.Tensor | None = None, prompt_index: torch.Tensor | None = None):
+                completion_mask: torch.Tensor | None = None, prompt_index: torch.Tensor | None = None,
+                logprobs: LogprobRequest | None = None):
         if completion_ids is None:
-            return super().forward(input_ids, select, attention_mask, position_ids, return_hidden)
+            return super().forward(input_ids, select, attention_mask, position_ids, return_hidden, logprobs)
         from .data import position_ids_from_mask
 
         backbone, head = lm_parts(self.model)
@@ -359,7 +408,7 @@ class GroupLM(SelectiveLM):
                            **{arg: cache})
             parts.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
         hidden = torch.cat(parts, dim=1)[completion_mask.bool()]  # (N, H)
-        return _final_logits(unwrap_peft(self.model), head(hidden))
+        return self.head_output(hidden, logprobs)
 
 
 def new_cache(model: nn.Module, module: nn.Module | None = None) -> tuple[Any, str]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import position_ids_from_mask
 from .losses import entropy_from_logits, token_logprobs
-from .models import GroupLM, new_cache
+from .models import GroupLM, LogprobRequest, Logprobs, new_cache
 from .rewards import score_completions
 
 Tensor = torch.Tensor
@@ -293,12 +293,12 @@ def completion_logprobs(lm: nn.Module, rollout: Rollout | Samples, temperature: 
     optionally the entropy (B, C) of ``softmax(logits / temperature)`` at each completion token.
 
     `lm` is a :class:`align.models.SelectiveLM` (or anything with its forward): the output head runs on the
-    N valid completion positions only."""
+    N valid completion positions only, in chunks of rows when the (N, V) logits would be large."""
     inp = sequence_inputs(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-    logits = lm(inp["input_ids"], select=inp["select"], attention_mask=inp["attention_mask"],
-                position_ids=inp["position_ids"])
-    return logprobs_from_selected(logits, rollout.completion_ids, rollout.completion_mask, temperature,
-                                  with_entropy)
+    out = lm(inp["input_ids"], select=inp["select"], attention_mask=inp["attention_mask"],
+             position_ids=inp["position_ids"],
+             logprobs=logprob_request(rollout.completion_ids, rollout.completion_mask, temperature, with_entropy))
+    return scatter_logprobs(out, rollout.completion_mask)
 
 
 def group_completion_logprobs(model: nn.Module, rollout: Rollout, temperature: float = 1.0) -> Tensor:
@@ -306,15 +306,30 @@ def group_completion_logprobs(model: nn.Module, rollout: Rollout, temperature: f
     prompt), each prompt encoded once for its group (:class:`align.models.GroupLM`). (B, C), 0 where masked."""
     g, dev = rollout.group_size, rollout.prompt_ids.device
     first = torch.arange(0, len(rollout), g, device=dev)
-    logits = GroupLM(model)(rollout.prompt_ids[first], attention_mask=rollout.prompt_mask[first],
-                            completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
-                            prompt_index=torch.arange(len(rollout), device=dev) // g)
-    return logprobs_from_selected(logits, rollout.completion_ids, rollout.completion_mask, temperature)[0]
+    out = GroupLM(model)(rollout.prompt_ids[first], attention_mask=rollout.prompt_mask[first],
+                         completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
+                         prompt_index=torch.arange(len(rollout), device=dev) // g,
+                         logprobs=logprob_request(rollout.completion_ids, rollout.completion_mask, temperature))
+    return scatter_logprobs(out, rollout.completion_mask)[0]
+
+
+def logprob_request(completion_ids: Tensor, completion_mask: Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False) -> LogprobRequest:
+    """What to ask a SelectiveLM / GroupLM for at the selected positions of `sequence_inputs`: the log-probs (and
+    entropies) of the valid completion tokens."""
+    return LogprobRequest(completion_ids[completion_mask.bool()], temperature, with_entropy)
+
+
+def scatter_logprobs(out: Logprobs, completion_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(B, C) log-probs (and entropies) from a model's `Logprobs` (N,) at the valid completion tokens."""
+    m = completion_mask.bool()
+    return scatter_tokens(out.logp.float(), m), None if out.entropy is None else scatter_tokens(out.entropy.float(), m)
 
 
 def logprobs_from_selected(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                            temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(B, C) logprobs (and entropies) from logits (N, V) at the selected positions of `sequence_inputs`."""
+    """(B, C) logprobs (and entropies) from logits (N, V) at the selected positions of `sequence_inputs` (for
+    callers that need the logits themselves, e.g. TRPO's KL)."""
     m = completion_mask.bool()
     labels = completion_ids[m]
     lp = scatter_tokens(token_logprobs(logits, labels, temperature).float(), m)

@@ -3,6 +3,8 @@ to the full (N, V) computation in values and gradients, with peak memory bounded
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -431,3 +433,114 @@ def test_peak_memory_is_bounded_by_chunk_not_tokens(with_entropy):
     bound = (buffers + 1) * CHUNK * V * fv + V * H * fv + 4 * N * H * fv
     assert peaks["chunked"] <= bound, (peaks, bound)
     assert peaks["chunked"] * 10 < peaks["full"], peaks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# through the stages: SelectiveLM / GroupLM log-prob requests chunk when the (N, V) logits pass the budget
+
+
+def _stage_weights(stage: str, model: str, data: str, reward: str, out, extra: list[str]) -> dict:
+    from safetensors.torch import load_file
+
+    from align.cli import main
+
+    argv = [stage, "--model", model, "--train_data", data, "--reward_funcs", reward, "--output_dir", str(out),
+            "--max_steps", "2", "--max_new_tokens", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true",
+            "--seed", "3", "--max_length", "32", *extra]
+    assert main(argv) == 0
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage,extra", [
+    ("grpo", ["--num_generations", "2", "--per_device_train_batch_size", "4", "--beta", "0.04"]),
+    ("ppo", ["--per_device_train_batch_size", "4", "--value_model", "policy", "--entropy_coef", "0.01"]),
+    ("reinforce", ["--num_generations", "2", "--per_device_train_batch_size", "2", "--beta", "0.1"]),
+])
+def test_stages_with_chunked_logprobs_train_like_the_full_head(stage, extra, tiny_model_dir, diversity_data,
+                                                               tmp_path, monkeypatch):
+    """A budget of 64 logit elements makes every training, reference and old-log-prob forward of the tiny model
+    (vocabulary ~260) run the head one row at a time: same weights after 2 steps as with the whole head."""
+    import align.models as M
+
+    prompts, reward = diversity_data
+    full = _stage_weights(stage, tiny_model_dir, prompts, reward, tmp_path / "full", extra)
+    calls = []
+    real = M.SelectiveLM.head_output
+
+    def spy(self, hidden, request):
+        out = real(self, hidden, request)
+        if request is not None:
+            calls.append(hidden.shape[0])
+        return out
+
+    monkeypatch.setattr(M, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(M.SelectiveLM, "head_output", spy)
+    chunked = _stage_weights(stage, tiny_model_dir, prompts, reward, tmp_path / "chunked", extra)
+    assert calls and max(calls) > 1  # requests with several rows went through the chunked path
+    assert max((full[k] - chunked[k]).abs().max().item() for k in full) < 1e-5
+    assert max((full[k] - load_start(tiny_model_dir)[k]).abs().max().item() for k in full) > 1e-4
+
+
+def load_start(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_selective_and_group_lm_requests_equal_logits_path(tiny_model_dir, monkeypatch):
+    """SelectiveLM and GroupLM with a LogprobRequest, chunked one row at a time: the log-probs, entropies and
+    every gradient of the logits path (token_logprobs / entropy_from_logits on the (N, V) logits)."""
+    from align.losses import entropy_from_logits, token_logprobs
+    from align.models import GroupLM, LogprobRequest, SelectiveLM, load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(tiny_model_dir)
+    ids = torch.randint(5, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[:, 3:] = True
+    select[0, 6] = False
+    labels = torch.randint(5, 60, (int(select.sum()),))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def grads_of(fn):
+        model.zero_grad()
+        lp, ent = fn()
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lm = SelectiveLM(model)
+
+    def by_logits():
+        z = lm(ids, select=select, attention_mask=mask, position_ids=pos) / 0.7
+        return token_logprobs(z * 0.7, labels, 0.7), entropy_from_logits(z)
+
+    def by_request():
+        out = lm(ids, select=select, attention_mask=mask, position_ids=pos,
+                 logprobs=LogprobRequest(labels, 0.7, True))
+        return out.logp, out.entropy
+
+    a, b = grads_of(by_logits), None
+    monkeypatch.setattr(SelectiveLM, "logprob_chunk", 1)
+    b = grads_of(by_request)
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+    for n in a[2]:
+        torch.testing.assert_close(a[2][n], b[2][n], atol=1e-5, rtol=1e-4)
+
+    # GroupLM: two prompts, three completions
+    prompts, pmask = ids[:2, :4], mask[:2, :4]
+    comp, cmask = ids[:, 4:], torch.ones_like(ids[:, 4:])
+    cmask[2, 2] = 0
+    index = torch.tensor([0, 0, 1])
+    g = GroupLM(model)
+    n = int(cmask.sum())
+    monkeypatch.setattr(SelectiveLM, "logprob_chunk", 0)
+    full = g(prompts, attention_mask=pmask, completion_ids=comp, completion_mask=cmask, prompt_index=index,
+             logprobs=LogprobRequest(labels[:n], 1.0, True))
+    monkeypatch.setattr(SelectiveLM, "logprob_chunk", 2)
+    part = g(prompts, attention_mask=pmask, completion_ids=comp, completion_mask=cmask, prompt_index=index,
+             logprobs=LogprobRequest(labels[:n], 1.0, True))
+    torch.testing.assert_close(full.logp, part.logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.entropy, part.entropy, atol=1e-5, rtol=1e-5)

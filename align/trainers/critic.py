@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +30,8 @@ from torch import nn
 from ..config import AlignError
 from ..heads import (SharedScalarModel, add_scalar_adapter, is_adapter_of, load_trained_scalar_model, new_score_head,
                      save_scalar_adapter, token_values)
-from ..models import (SelectiveLM, adapter_parameters, add_lora_adapter, disable_dropout, lm_parts, no_split_modules,
-                      only_adapter, same_model)
+from ..models import (LogprobRequest, SelectiveLM, adapter_parameters, add_lora_adapter, disable_dropout, lm_parts,
+                      no_split_modules, only_adapter, same_model)
 from ..rollout import Rollout, scatter_tokens, sequence_inputs
 from .checkpoints import error_line
 from .loop import Run
@@ -63,15 +64,17 @@ class PolicyAndValue(nn.Module):
         """The block classes of the policy and the critic (FSDP's transformer auto-wrap shards them)."""
         return no_split_modules(self.policy.model, self.critic)
 
-    def forward(self, input_ids: Tensor, select: Tensor, attention_mask: Tensor,
-                position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits (N, V), values (N,) float32) at the N selected positions of (B, T) inputs."""
+    def forward(self, input_ids: Tensor, select: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                logprobs: LogprobRequest | None = None) -> tuple[Any, Tensor]:
+        """(logits (N, V) — or `Logprobs` for a `LogprobRequest` — and values (N,) float32) at the N selected
+        positions of (B, T) inputs."""
         if self.value_head is not None:
-            logits, hidden = self.policy(input_ids, select=select, attention_mask=attention_mask,
-                                         position_ids=position_ids, return_hidden=True)
-            return logits, self.value_head(hidden).squeeze(-1).float()
-        logits = self.policy(input_ids, select=select, attention_mask=attention_mask, position_ids=position_ids)
-        return logits, self.values(input_ids, select, attention_mask, position_ids)
+            out, hidden = self.policy(input_ids, select=select, attention_mask=attention_mask,
+                                      position_ids=position_ids, return_hidden=True, logprobs=logprobs)
+            return out, self.value_head(hidden).squeeze(-1).float()
+        out = self.policy(input_ids, select=select, attention_mask=attention_mask, position_ids=position_ids,
+                          logprobs=logprobs)
+        return out, self.values(input_ids, select, attention_mask, position_ids)
 
     def values(self, input_ids: Tensor, select: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """Values (N,) float32 at the selected positions, without the policy's output head."""

@@ -31,9 +31,9 @@ from torch import nn
 
 from ..advantages import group_reward_std, grpo_advantages, token_kl, zero_std_group_fraction
 from ..config import AlignError, GRPOConfig
-from ..losses import LOSS_TYPES, POLICY_LOSSES, aggregate_count, entropy_from_logits
+from ..losses import LOSS_TYPES, POLICY_LOSSES, aggregate_count
 from ..models import GroupLM
-from ..rollout import Rollout, logprobs_from_selected, sequence_inputs
+from ..rollout import Rollout, logprob_request, scatter_logprobs, sequence_inputs
 from .iterative import check_iterative_config, iterative_state, load_replay, save_reward_model
 from .rl import RLSetup, RLStage, check_rl_config, rollout_metrics, run_rl_stage
 
@@ -160,24 +160,23 @@ class GRPOStep:
                     weight: float = 1.0) -> tuple[dict[str, Tensor], float]:
         cfg = self.cfg
         sub, first, prompt_index = group_inputs(r, idx, r.group_size)
+        request = logprob_request(sub.completion_ids, sub.completion_mask, cfg.temperature, with_entropy)
         if self.prompt_once and len(first) < len(idx):
-            logits = self.model(sub.prompt_ids[first], attention_mask=sub.prompt_mask[first],
-                                completion_ids=sub.completion_ids, completion_mask=sub.completion_mask,
-                                prompt_index=prompt_index)
+            out = self.model(sub.prompt_ids[first], attention_mask=sub.prompt_mask[first],
+                             completion_ids=sub.completion_ids, completion_mask=sub.completion_mask,
+                             prompt_index=prompt_index, logprobs=request)
         else:
             inp = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, sub.completion_mask)
-            logits = self.model(inp["input_ids"], select=inp["select"], attention_mask=inp["attention_mask"],
-                                position_ids=inp["position_ids"])
-        logp, _ = logprobs_from_selected(logits, sub.completion_ids, sub.completion_mask, cfg.temperature)
+            out = self.model(inp["input_ids"], select=inp["select"], attention_mask=inp["attention_mask"],
+                             position_ids=inp["position_ids"], logprobs=request)
+        logp, _ = scatter_logprobs(out, sub.completion_mask)
         loss, stats = POLICY_LOSSES["grpo"](
             logp, sub.logprobs, adv[idx.to(adv.device)], sub.completion_mask, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high or None, agg=self.agg, max_len=cfg.max_new_tokens, num_items=num_items,
             beta=cfg.beta, ref_logp=sub.ref_logprobs, kl_estimator=cfg.kl_estimator)
         self.run.backward(loss * weight)
         if with_entropy:
-            with torch.no_grad():
-                z = logits.detach().float()
-                stats["entropy"] = entropy_from_logits(z if cfg.temperature == 1.0 else z / cfg.temperature).mean()
+            stats["entropy"] = out.entropy.detach().mean()
         return stats, float(sub.completion_mask.sum())
 
 

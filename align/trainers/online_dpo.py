@@ -30,7 +30,7 @@ from ..comparisons import PreferenceStats, best_worst_pairs
 from ..config import AlignError, OnlineDPOConfig
 from ..losses import REFERENCE_FREE_DPO_LOSSES, dpo_args_problem, dpo_loss
 from ..models import GroupLM
-from ..rollout import Rollout, group_completion_logprobs, logprobs_from_selected, sequence_inputs
+from ..rollout import Rollout, group_completion_logprobs, logprob_request, scatter_logprobs, sequence_inputs
 from .rl import Reference, RLSetup, RLStage, check_rl_config, rollout_metrics, run_rl_stage
 
 Tensor = torch.Tensor
@@ -119,15 +119,16 @@ class OnlineDPOStep:
             kl = float(((sub.logprobs - ref_tok) * mask).sum())
         else:
             ref_logps, kl = torch.zeros(n, device=dev), 0.0
+        request = logprob_request(sub.completion_ids, mask, cfg.temperature)
         if self.prompt_once:
-            logits = self.model(sub.prompt_ids[0::2], attention_mask=sub.prompt_mask[0::2],
-                                completion_ids=sub.completion_ids, completion_mask=mask,
-                                prompt_index=torch.arange(n, device=dev) // 2)
+            out = self.model(sub.prompt_ids[0::2], attention_mask=sub.prompt_mask[0::2],
+                             completion_ids=sub.completion_ids, completion_mask=mask,
+                             prompt_index=torch.arange(n, device=dev) // 2, logprobs=request)
         else:
             inp = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, mask)
-            logits = self.model(inp["input_ids"], select=inp["select"], attention_mask=inp["attention_mask"],
-                                position_ids=inp["position_ids"])
-        logps = logprobs_from_selected(logits, sub.completion_ids, mask, cfg.temperature)[0].sum(-1)
+            out = self.model(inp["input_ids"], select=inp["select"], attention_mask=inp["attention_mask"],
+                             position_ids=inp["position_ids"], logprobs=request)
+        logps = scatter_logprobs(out, mask)[0].sum(-1)
         p = torch.arange(n // 2, device=dev)
         loss, pairs = dpo_loss(cfg.loss_type, logps, ref_logps, mask.sum(-1), 2 * p, 2 * p + 1, p, n // 2,
                                beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,

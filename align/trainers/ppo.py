@@ -31,8 +31,9 @@ from ..advantages import per_token_rewards, ppo_advantages, token_kl
 from ..config import AlignError, PPOConfig
 from ..data import split_evenly
 from ..kl_control import KLController
-from ..losses import POLICY_LOSSES, entropy_from_logits, explained_variance, masked_mean
-from ..rollout import Rollout, logprobs_from_selected, make_generator, scatter_tokens, sequence_inputs
+from ..losses import POLICY_LOSSES, explained_variance, masked_mean
+from ..rollout import (Rollout, logprob_request, make_generator, scatter_logprobs, scatter_tokens,
+                       sequence_inputs)
 from .critic import PolicyAndValue, rollout_values, with_critic
 from .rl import RLSetup, RLStage, check_rl_config, rollout_metrics, run_rl_stage
 
@@ -143,25 +144,23 @@ class PPOStep:
         c = sub.completion_ids.shape[1]
         idx = idx.to(adv.device)
         inp = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, sub.completion_mask)
-        logits, values = self.model(inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"])
-        logp, ent = logprobs_from_selected(logits, sub.completion_ids, sub.completion_mask, cfg.temperature,
-                                           with_entropy=cfg.entropy_coef != 0)
+        request = logprob_request(sub.completion_ids, sub.completion_mask, cfg.temperature,
+                                  with_entropy=with_entropy or cfg.entropy_coef != 0)
+        out, values = self.model(inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"],
+                                 logprobs=request)
+        logp, ent = scatter_logprobs(out, sub.completion_mask)
         loss, stats = POLICY_LOSSES["ppo"](
             logp, sub.logprobs, adv[idx, :c], scatter_tokens(values, sub.completion_mask), sub.values,
             returns[idx, :c], sub.completion_mask, cliprange=cfg.cliprange if cfg.use_clipping else None,
-            cliprange_value=cfg.cliprange_value or None, vf_coef=cfg.vf_coef, entropy=ent,
+            cliprange_value=cfg.cliprange_value or None, vf_coef=cfg.vf_coef,
+            entropy=ent if cfg.entropy_coef != 0 else None,
             entropy_coef=cfg.entropy_coef, kl_coef=loss_beta, kl_to=cfg.kl_to, ref_logp=sub.ref_logprobs,
             kl_estimator=cfg.kl_estimator, num_items=num_items)
         self.run.backward(loss * weight)
         if with_entropy:
-            with torch.no_grad():
-                if ent is None:
-                    z = logits.detach() if cfg.temperature == 1.0 else logits.detach() / cfg.temperature
-                    ent_tok = entropy_from_logits(z).float()
-                else:
-                    ent_tok = ent.detach()[sub.completion_mask.bool()]
-                stats["entropy"] = ent_tok.sum()
-                stats["_entropy_count"] = torch.tensor(float(ent_tok.numel()))
+            ent_tok = out.entropy.detach().float()
+            stats["entropy"] = ent_tok.sum()
+            stats["_entropy_count"] = torch.tensor(float(ent_tok.numel()))
         return stats
 
 

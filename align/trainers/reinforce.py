@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ReinforceConfig
-from ..losses import POLICY_LOSSES, aggregate_count, entropy_from_logits, value_loss
-from ..rollout import Rollout, logprobs_from_selected, scatter_tokens, sequence_inputs
+from ..losses import POLICY_LOSSES, aggregate_count, value_loss
+from ..rollout import Rollout, logprob_request, scatter_logprobs, scatter_tokens, sequence_inputs
 from .rl import RLSetup, RLStage, check_pg_config, pg_module, psi_rollout, run_rl_stage
 
 Tensor = torch.Tensor
@@ -50,9 +50,10 @@ class ReinforceStep:
             c = sub.completion_ids.shape[1]
             mask = sub.completion_mask
             inp = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, mask)
-            out = model(inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"])
-            logits, values = out if targets is not None else (out, None)
-            logp, _ = logprobs_from_selected(logits, sub.completion_ids, mask, cfg.temperature)
+            res = model(inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"],
+                        logprobs=logprob_request(sub.completion_ids, mask, cfg.temperature, with_entropy=True))
+            lps, values = res if targets is not None else (res, None)
+            logp, _ = scatter_logprobs(lps, mask)
             loss, _ = POLICY_LOSSES["reinforce"](logp, psi[idx, :c], mask, cfg.loss_agg, max_len=cfg.max_new_tokens,
                                                  num_items=pg_items)
             parts = {"policy_loss": loss.detach()}
@@ -62,9 +63,7 @@ class ReinforceStep:
                 loss = loss + cfg.vf_coef * vl
                 parts["value_loss"] = vl.detach()
             run.backward(loss * weight)
-            with torch.no_grad():
-                z = logits.detach().float() / cfg.temperature
-                parts["entropy"] = entropy_from_logits(z).sum() / tok_items
+            parts["entropy"] = lps.entropy.detach().sum() / tok_items
             for key, v in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(v) * weight
         out = run.optimizer_step()
