@@ -533,6 +533,10 @@ class GRPOConfig(RLConfig):
     per_device_train_batch_size: int = _f(16, "Completions (not prompts) per process per micro-batch, as in TRL; "
                                               "a multiple of num_generations.", ge=1)
     num_generations: int = _f(8, "Completions sampled per prompt: the group size G (>= 2).", ge=2)
+    share_base: bool = _f(True, "With use_lora: one copy of the base weights for the policy, the reference and a "
+                                "reward model trained on the same base with `align rm --use_lora` (a frozen "
+                                "adapter with its head); another reward model keeps its own copy (one log line "
+                                "says which). Not with rm_update (the reward model trains).")
     beta: float = _f(0.0, "Coefficient of the KL(pi || pi_ref) term in the loss; 0 (TRL's default) loads no "
                           "reference model at all. DeepSeekMath used 0.04.", ge=0)
     kl_estimator: str = _f("k3", "Per-token KL estimator in the loss: k3 (r - 1 - log r, GRPO's), k1 or k2.",

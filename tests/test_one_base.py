@@ -342,3 +342,40 @@ def test_full_weight_runs_do_not_share(tiny_model_dir, rm_adapter, data, spy, tm
     (setup,) = spy["setups"]
     roles = base_storages(setup)
     assert len({frozenset(s) for s in roles.values()}) == 4  # policy, reference, critic, reward model: 4 copies
+
+
+def test_grpo_reward_model_adapter_on_the_policy_base_equals_a_separate_copy(tiny_model_dir, rm_adapter, data,
+                                                                             tmp_path, monkeypatch, capsys):
+    """GRPO with use_lora and a LoRA reward model of the same base: the reward model runs as a frozen adapter on
+    the policy's base weights (one copy for policy, reference and reward model); the rewards of every rollout and
+    the trained adapter equal those of a run with the reward model in its own copy."""
+    rewards: list[torch.Tensor] = []
+    real_gather = rl.gather_rollout
+
+    def gather(run, r, pad_id):
+        out = real_gather(run, r, pad_id)
+        rewards.append(out.rewards.clone())
+        return out
+
+    monkeypatch.setattr(rl, "gather_rollout", gather)
+    args = ["--disable_tqdm", "true", "--seed", "3", "--max_new_tokens", "4", "--max_length", "32",
+            "--learning_rate", "1e-3", "--use_lora", "true", "--lora_r", "4", "--num_generations", "2",
+            "--per_device_train_batch_size", "4", "--beta", "0.04", "--max_steps", "2", "--reward_model", rm_adapter]
+    outs = {}
+    for name, extra in (("one", []), ("sep", ["--share_base", "false"])):
+        outs[name] = str(tmp_path / name)
+        assert main(["grpo", "--model", tiny_model_dir, "--train_data", data["prompts"], "--output_dir", outs[name],
+                     *args, *extra]) == 0
+        if name == "one":
+            err = capsys.readouterr().err
+            assert ("grpo: one copy of the base weights for the policy, the reference and the reward model "
+                    "(adapter 'reward')") in err
+    assert len(rewards) == 4 and rewards[0].abs().max() > 0  # the reward model really scored
+    for a, b in zip(rewards[:2], rewards[2:]):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+    w_one = load_file(os.path.join(outs["one"], "adapter_model.safetensors"))
+    w_sep = load_file(os.path.join(outs["sep"], "adapter_model.safetensors"))
+    assert set(w_one) == set(w_sep) and not any("reward" in k for k in w_one)  # only the policy's adapter saved
+    for k in w_sep:
+        torch.testing.assert_close(w_one[k], w_sep[k], atol=TOL, rtol=0, msg=k)
+    assert max(w_one[k].abs().max().item() for k in w_one if "lora_B" in k) > 1e-4

@@ -135,9 +135,9 @@ def plan_base_sharing(cfg, stage: str, sharded: bool) -> BaseSharing:
         else:
             why = why_all or f"{cfg.reward_model} is not a LoRA adapter of {cfg.model}"
             separate.append(f"the reward model ({why})")
-    source = critic_source(cfg)
     critic = False
-    if getattr(cfg, "value_model", None) is not None and source != "policy":
+    source = critic_source(cfg) if hasattr(cfg, "value_model") else "policy"  # stages without a critic: none
+    if source != "policy":
         why = why_all or ("gradient_checkpointing is on: its recomputation would run with the wrong adapter"
                           if cfg.gradient_checkpointing else "")
         if not why and not (same_model(source, cfg.model) or is_adapter_of(source, cfg.model)):

@@ -188,7 +188,9 @@ GRPO = RLStage("grpo", GRPOStep, check=check_grpo_config, load=load_replay, modu
                # batch sizes count completions, as in TRL: a step's prompts are completions / G
                prompts_per_process=lambda cfg: (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
                                                 // cfg.num_generations),
-               state=iterative_state, prompt_once=True, finish=save_reward_model)
+               state=iterative_state, prompt_once=True, finish=save_reward_model,
+               # a frozen LoRA reward model on the policy's base (a reward model trained by rm_update keeps its copy)
+               share_base=lambda cfg: cfg.share_base and not cfg.rm_update)
 
 
 def train_grpo(cfg: GRPOConfig) -> dict[str, float]:
