@@ -454,3 +454,17 @@ def test_broken_reward_stops_the_run_naming_function_and_prompt(case, tiny_model
     if case == "raise_on_4":
         assert line.endswith("ValueError: cannot score this one")
     assert no_model(out)
+
+
+def test_overwriting_a_run_removes_its_checkpoints_so_latest_is_this_runs(tiny_model_dir, sft_file, tmp_path, capsys):
+    """A run with save_steps leaves checkpoints; a new run in the same output_dir with overwrite_output_dir (not
+    resuming) removes them, so `resume_from_checkpoint latest` cannot pick the earlier run's."""
+    out = tmp_path / "o"
+    assert sft(tiny_model_dir, sft_file, out, "--max_steps", "4", "--save_steps", "2") == 0
+    assert os.listdir(out / "checkpoints") == ["step-2"]
+    assert sft(tiny_model_dir, sft_file, out, "--max_steps", "1", "--overwrite_output_dir", "true") == 0
+    assert not (out / "checkpoints").exists()
+    assert not [d for d in os.listdir(out) if d.startswith(".old-")]
+    capsys.readouterr()
+    assert sft(tiny_model_dir, sft_file, out, "--max_steps", "4", "--resume_from_checkpoint", "latest") == 2
+    assert "no checkpoint found" in capsys.readouterr().err

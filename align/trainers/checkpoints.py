@@ -98,6 +98,18 @@ def resolve_checkpoint(cfg) -> str | None:
     return path
 
 
+def clear_previous_checkpoints(run: Run) -> None:
+    """A new run with overwrite_output_dir (not resuming): the checkpoints of an earlier run in output_dir are
+    removed (by the main process, renamed away first), so that a later ``resume_from_checkpoint latest`` can
+    only find this run's. Every process waits for it."""
+    root = os.path.join(run.cfg.output_dir, "checkpoints")
+    if run.is_main and os.path.isdir(root):
+        old = os.path.join(run.cfg.output_dir, f".old-checkpoints-{os.getpid()}")
+        os.replace(root, old)
+        shutil.rmtree(old, ignore_errors=True)
+    run.accelerator.wait_for_everyone()
+
+
 def _intact_hint(output_dir: str, damaged: str) -> str:
     """What to do when the newest checkpoint is damaged: the newest older one that verifies, if any."""
     root = os.path.join(output_dir, "checkpoints")

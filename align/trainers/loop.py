@@ -27,7 +27,7 @@ from ..config import AlignError, to_dict
 from ..data import global_batch_indices, split_evenly, split_micro_batches
 from ..export import check_hub
 from ..models import resolve_dtype
-from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import clear_previous_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .metrics import MetricsLogger, check_finite, mean_rows, resolve_trackers, tracker_objects
 
 
@@ -165,6 +165,8 @@ class Run:
         ckpt = resolve_checkpoint(cfg)
         if ckpt is not None:
             self.start_step = load_checkpoint(self, ckpt)
+        elif cfg.overwrite_output_dir:
+            clear_previous_checkpoints(self)
         os.makedirs(cfg.output_dir, exist_ok=True)
         if self.is_main:
             with open(os.path.join(cfg.output_dir, f"{self.stage}_config.json"), "w", encoding="utf-8") as fh:
