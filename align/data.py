@@ -472,15 +472,22 @@ def split_evenly(items: Sequence[Any], n: int) -> list[Any]:
     return out
 
 
+def process_chunks(items: Sequence[Any], num_processes: int, process_index: int, accumulation: int) -> list[Any]:
+    """This process's `accumulation` chunks of `items`: they are cut into num_processes*accumulation contiguous
+    chunks (`split_evenly`; some empty when there are fewer items) and chunk c goes to process c % num_processes.
+    One process with N times the accumulation therefore gets the chunks of N processes, in order."""
+    parts = split_evenly(items, num_processes * accumulation)
+    return [p for c, p in enumerate(parts) if c % num_processes == process_index]
+
+
 def split_micro_batches(indices: list[int], num_processes: int, process_index: int,
                         accumulation: int) -> list[list[int]]:
-    """This process's micro-batches of a global batch: the batch is cut into num_processes*accumulation
-    contiguous chunks and chunk c goes to process c % num_processes."""
+    """This process's micro-batches of a global batch (`process_chunks`); a batch too small to give every
+    micro-batch an example is an error."""
     chunks = num_processes * accumulation
     if len(indices) < chunks:
         raise AlignError(f"global batch of {len(indices)} is smaller than processes x accumulation ({chunks})")
-    parts = split_evenly(indices, chunks)
-    return [parts[c] for c in range(chunks) if c % num_processes == process_index]
+    return process_chunks(indices, num_processes, process_index, accumulation)
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

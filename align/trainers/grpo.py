@@ -138,9 +138,9 @@ class GRPOStep:
             norms.append(run.optimizer_step(schedule=False).get("grad_norm"))
         self.model.eval()
         mu = cfg.num_iterations
-        keys = sorted(sums)  # the same on every process: each runs the same number of micro-batches
-        totals = run.reduce_sum([sums[k] for k in keys] + [n_tok])
-        sums, n_tok = dict(zip(keys, totals[:-1])), totals[-1]
+        # the same names on every process: each runs the same number of micro-batches
+        sums = run.sum_over_processes({**sums, "_tokens": n_tok})
+        n_tok = sums.pop("_tokens")
         out = {}
         for key, v in sums.items():
             if key == "entropy":

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import AlignError, to_dict
-from ..data import global_batch_indices, split_evenly, split_micro_batches
+from ..data import global_batch_indices, process_chunks, split_micro_batches
 from ..export import check_hub
 from ..models import resolve_dtype
 from .checkpoints import clear_previous_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -200,11 +200,9 @@ class Run:
         gradients of the same rows as N processes. A chunk left empty (fewer rows than chunks) becomes row 0 with
         weight 0: every process runs the same number of forwards and backwards, which DDP's all-reduce and
         FSDP's all-gathers need. Multiply the micro-batch's loss by its weight."""
-        chunks = self.world * accumulation
-        parts = split_evenly(rows, chunks)
         dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
-        return [(parts[c], 1.0) if len(parts[c]) else (dummy, 0.0)
-                for c in range(chunks) if c % self.world == self.rank]
+        return [(part, 1.0) if len(part) else (dummy, 0.0)
+                for part in process_chunks(rows, self.world, self.rank, accumulation)]
 
     def accumulate(self, micro: Sequence[Any]) -> Iterator[Any]:
         """The gradient-accumulation loop: yields each micro-batch with the gradient all-reduce skipped until the
@@ -293,11 +291,15 @@ class Run:
         """Sum a list of floats over processes."""
         return self.all_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
+    def sum_over_processes(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Each metric (a number or 0-dim tensor of this process) summed over processes, in one all-reduce. Every
+        process must pass the same names."""
+        names = sorted(metrics)
+        return dict(zip(names, self.reduce_sum([float(metrics[k]) for k in names])))
+
     def mean_over_processes(self, metrics: dict[str, Any]) -> dict[str, float]:
         """Each metric (a number or 0-dim tensor of this process) averaged over processes."""
-        names = list(metrics)
-        summed = self.reduce_sum([float(metrics[k]) for k in names])
-        return {k: v / self.world for k, v in zip(names, summed)}
+        return {k: v / self.world for k, v in self.sum_over_processes(metrics).items()}
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every process's `t` concatenated in process order (the tensor itself on one process). The first
@@ -386,11 +388,15 @@ class Run:
     @property
     def fsdp2(self) -> bool:
         """Whether the trained module is sharded by FSDP2 (accelerate's fsdp_version 2)."""
+        return self.accelerator.is_fsdp2
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the trained module's weights are sharded over processes (FSDP, DeepSpeed): gathering its state
+        dict is then a collective."""
         from accelerate.utils import DistributedType
 
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        return (self.accelerator.distributed_type == DistributedType.FSDP and plugin is not None
-                and getattr(plugin, "fsdp_version", 1) == 2)
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     @contextlib.contextmanager
     def timer(self, name: str):

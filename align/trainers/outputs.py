@@ -25,11 +25,7 @@ if TYPE_CHECKING:
 def gathered_state(run: Run) -> dict[str, torch.Tensor] | None:
     """The full state dict of the trained module when its weights are sharded (FSDP, DeepSpeed): a collective
     call, so every process must make it. None when each process holds the whole module."""
-    from accelerate.utils import DistributedType
-
-    if run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return run.accelerator.get_state_dict(run.model)
-    return None
+    return run.accelerator.get_state_dict(run.model) if run.sharded else None
 
 
 def save_pretrained(module: nn.Module, output_dir: str, tokenizer, full: dict[str, torch.Tensor] | None,

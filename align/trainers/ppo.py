@@ -122,9 +122,9 @@ class PPOStep:
             last_epoch_kl = epoch_kl
             if stopped:
                 break
-        keys = sorted(sums)  # the same on every process: each runs the same micro-batches
-        totals = run.reduce_sum([sums[k] for k in keys] + [n_micro])
-        sums, n_micro = dict(zip(keys, totals[:-1])), totals[-1]
+        # the same names on every process: each runs the same micro-batches
+        sums = run.sum_over_processes({**sums, "_micro_batches": n_micro})
+        n_micro = sums.pop("_micro_batches")
         ent = sums.pop("entropy", None)
         n_ent = sums.pop("_entropy_count", 0.0)
         out = {k: v / max(n_micro, 1.0) for k, v in sums.items()}

@@ -310,13 +310,6 @@ class RLStage:
     share_base: Callable[[Any], bool] = lambda cfg: False
 
 
-def _sharded(run: Run) -> bool:
-    """Whether the trained module's weights are sharded over processes (FSDP, DeepSpeed)."""
-    from accelerate.utils import DistributedType
-
-    return run.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
 def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     """Load, validate, train and save an RL stage; returns the last logged metrics. Writes nothing before all
     input is valid."""
@@ -327,7 +320,7 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     run = Run(cfg, stage.name)
     policy = load_trained_lm(cfg, tokenizer, run.weights_dtype)
     disable_dropout(policy)
-    sharing = plan_base_sharing(cfg, stage.name, _sharded(run)) if cfg.use_lora and stage.share_base(cfg) else None
+    sharing = plan_base_sharing(cfg, stage.name, run.sharded) if cfg.use_lora and stage.share_base(cfg) else None
     if sharing is not None and run.is_main:
         print(sharing.line, file=sys.stderr, flush=True)
     shared_rm = sharing is not None and sharing.reward_model
