@@ -39,7 +39,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["chunked_logprobs", "linear_head", "head_logprobs"]
+__all__ = ["chunked_logprobs", "linear_head", "head_logprobs", "whole_head_logprobs"]
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -310,18 +310,23 @@ def head_logprobs(model: nn.Module, hidden: Tensor, labels: Tensor, temperature:
     ``token_logprobs(_final_logits(model, head(hidden)), labels, temperature)``. A head that is not a plain
     linear layer is run whole (the (N, V) logits are then materialised, as before)."""
     parts = linear_head(model)
-    if parts is not None:
-        w, b, cap, scale = parts
-        return chunked_logprobs(hidden, w, labels, temperature, chunk, bias=b, with_entropy=with_entropy,
-                                softcap=cap, scale=scale)
+    if parts is None:
+        return whole_head_logprobs(model, hidden, labels, temperature, with_entropy)
+    w, b, cap, scale = parts
+    return chunked_logprobs(hidden, w, labels, temperature, chunk, bias=b, with_entropy=with_entropy,
+                            softcap=cap, scale=scale)
+
+
+def whole_head_logprobs(model: nn.Module, hidden: Tensor, labels: Tensor, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The same as :func:`head_logprobs` the usual way: the head runs on all N rows at once and the (N, V)
+    logits are materialised (small vocabularies and batches, or heads that are not a plain linear layer)."""
     from .losses import entropy_from_logits, token_logprobs
     from .models import _final_logits, lm_parts, unwrap_peft
 
     _, head = lm_parts(model)
     logits = _final_logits(unwrap_peft(model), head(hidden))
-    lp = token_logprobs(logits.unsqueeze(0), labels.unsqueeze(0), temperature)[0].float()
     ent = None
     if with_entropy:
-        z = logits if temperature == 1.0 else logits / temperature
-        ent = entropy_from_logits(z.unsqueeze(0))[0].float()
-    return lp, ent
+        ent = entropy_from_logits(logits if temperature == 1.0 else logits / temperature).float()
+    return token_logprobs(logits, labels, temperature).float(), ent

@@ -328,19 +328,15 @@ class SelectiveLM(nn.Module):
         _, head = lm_parts(self.model)
         if request is None:
             return _final_logits(unwrap_peft(self.model), head(hidden))
-        from .chunked import head_logprobs
+        from .chunked import head_logprobs, whole_head_logprobs
 
         vocab = head.weight.shape[0] if hasattr(head, "weight") else 0
         rows = self.logprob_chunk
         if rows is None:
             rows = 0 if hidden.shape[0] * vocab <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // max(vocab, 1))
         if rows == 0:
-            from .losses import entropy_from_logits, token_logprobs
-
-            logits = _final_logits(unwrap_peft(self.model), head(hidden))
-            t = request.temperature
-            ent = entropy_from_logits(logits if t == 1.0 else logits / t).float() if request.with_entropy else None
-            return Logprobs(token_logprobs(logits, request.labels, t).float(), ent)
+            return Logprobs(*whole_head_logprobs(self.model, hidden, request.labels, request.temperature,
+                                                 request.with_entropy))
         return Logprobs(*head_logprobs(self.model, hidden, request.labels, request.temperature, rows,
                                        request.with_entropy))
 
@@ -544,11 +540,6 @@ def add_lora_adapter(model: nn.Module, name: str, r: int, alpha: int, dropout: f
         add_adapter(model, name, config, trainable=True, seed=seed)
     except ValueError as e:
         raise AlignError(f"lora_target_modules {target_modules}: {_first_line(e)}") from None
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the LoRA adapters of a peft model, in the order they were added."""
-    return list(getattr(model, "peft_config", {}) or {})
 
 
 def freeze_adapters(model: nn.Module, frozen: set[str] | list[str]) -> None:
