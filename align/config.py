@@ -164,23 +164,29 @@ class SFTConfig(BaseConfig):
 
 
 @dataclass
-class RMConfig(BaseConfig):
-    """Reward model: a scalar head on a causal LM trained on pairwise or ranked comparisons (Bradley-Terry)."""
+class ComparisonConfig(BaseConfig):
+    """What the stages that train on comparisons (reward model, DPO) read the same way."""
 
-    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW (the new head and the backbone alike).", gt=0)
     per_device_train_batch_size: int = _f(8, "Prompts (comparison rows) per process per micro-batch; a ranked "
                                              "row of K responses counts once and gives K(K-1)/2 pairs.", ge=1)
-    margin_column: str = _f("margin", "Column with a per-pair margin m in -log sigmoid(r_c - r_r - m); rows "
-                                      "without it (or files without the column) use 0. Empty: ignore margins.")
-    center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centring penalty, coefficient * mean of "
-                                               "r^2 over the responses of a comparison, which keeps rewards near "
-                                               "zero for the RL stage (TRL name; 0.01 is a common value).", ge=0)
     ranking_column: str = _f("ranking", "For ranked rows (prompt + responses): optional column of ranks, one "
                                         "per response, 1 = best (ties make no pair); without it responses are "
                                         "ordered best first.")
     on_bad_pair: str = _f("error", "Rows with no preference to learn (chosen identical to rejected, identical "
                                    "responses in a ranked list, or all ranks equal): error stops before "
                                    "training; skip drops them and reports the count.", choices=("error", "skip"))
+
+
+@dataclass
+class RMConfig(ComparisonConfig):
+    """Reward model: a scalar head on a causal LM trained on pairwise or ranked comparisons (Bradley-Terry)."""
+
+    learning_rate: float = _f(1e-5, "Peak learning rate of AdamW (the new head and the backbone alike).", gt=0)
+    margin_column: str = _f("margin", "Column with a per-pair margin m in -log sigmoid(r_c - r_r - m); rows "
+                                      "without it (or files without the column) use 0. Empty: ignore margins.")
+    center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centring penalty, coefficient * mean of "
+                                               "r^2 over the responses of a comparison, which keeps rewards near "
+                                               "zero for the RL stage (TRL name; 0.01 is a common value).", ge=0)
     share_prompt: bool = _f(True, "Run each comparison's prompt once, its responses attending to it through a "
                                   "4-D attention mask (same rewards as separate sequences, fewer tokens); off, "
                                   "or with flash-attention: every response is a separate padded sequence.")
@@ -581,14 +587,12 @@ class GRPOConfig(RLConfig):
 
 
 @dataclass
-class DPOConfig(BaseConfig):
+class DPOConfig(ComparisonConfig):
     """Direct preference optimisation (Rafailov et al. 2023) and its relatives: the policy is trained on
     comparisons (prompt + chosen + rejected, or prompt + ranked responses) against a frozen reference policy,
     no reward model and no sampling. loss_type picks the loss by TRL's names."""
 
     learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.", gt=0)
-    per_device_train_batch_size: int = _f(8, "Prompts (comparison rows) per process per micro-batch; a ranked "
-                                             "row of K responses counts once and gives K(K-1)/2 pairs.", ge=1)
     loss_type: str = _f("sigmoid", "Preference loss (TRL names): sigmoid (DPO), ipo (Azar et al. 2023), hinge "
                                    "(SLiC), robust (label-smoothed, Chowdhury et al. 2024), simpo (reference-free, "
                                    "length-normalised, Meng et al. 2024), orpo (odds-ratio term added to the SFT "
@@ -610,12 +614,6 @@ class DPOConfig(BaseConfig):
                                               "one policy forward/backward per comparison).")
     margin_column: str = _f("margin", "Column with a per-pair margin m subtracted inside the loss (sigmoid: "
                                       "-log sigmoid(beta*h - m)); rows without it use 0. Empty: ignore margins.")
-    ranking_column: str = _f("ranking", "For ranked rows (prompt + responses): optional column of ranks, one "
-                                        "per response, 1 = best (ties make no pair); without it responses are "
-                                        "ordered best first.")
-    on_bad_pair: str = _f("error", "Rows with no preference to learn (chosen identical to rejected, identical "
-                                   "responses in a ranked list, or all ranks equal): error stops before "
-                                   "training; skip drops them and reports the count.", choices=("error", "skip"))
     share_prompt: bool = _f(True, "Run each comparison's prompt once, its responses attending to it through a "
                                   "4-D attention mask (same log-probabilities as separate sequences, fewer "
                                   "tokens); off, or with flash-attention: separate padded sequences.")
