@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from align.cli import leave_process_group
 from align.config import load_config
 from align.models import GroupLM, load_causal_lm, load_tokenizer
 from align.rewards import REWARD_MODEL_NAME, reward_sources
@@ -69,3 +70,5 @@ def main(model: str, rm: str, prompts: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    # as the CLI does: no process may exit while the other still talks to it (a gloo abort otherwise, now and then)
+    leave_process_group()
