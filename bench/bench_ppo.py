@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -198,17 +199,26 @@ def bench_trl(model_dir: str, data: str, out: str, args, device: torch.device) -
                         local_rollout_forward_batch_size=args.batch, logging_steps=1, save_strategy="no",
                         use_cpu=device.type == "cpu")
         kw = dict(num_labels=1)
-        trainer = PPOTrainer(args=cfg, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(model_dir),
-                             ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
-                             reward_model=AutoModelForSequenceClassification.from_pretrained(model_dir, **kw),
-                             value_model=AutoModelForSequenceClassification.from_pretrained(model_dir, **kw),
-                             train_dataset=ds)
+        models = dict(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                      reward_model=AutoModelForSequenceClassification.from_pretrained(model_dir, **kw),
+                      value_model=AutoModelForSequenceClassification.from_pretrained(model_dir, **kw))
+        if getattr(args, "lora", False):
+            # TRL's LoRA PPO: the policy gets the adapter and the reference is that adapter switched off; the
+            # critic and the reward model stay full models (trained in full, and frozen, respectively)
+            from peft import LoraConfig
+
+            models.update(ref_model=None, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        else:
+            models["ref_model"] = AutoModelForCausalLM.from_pretrained(model_dir)
+        trainer = PPOTrainer(args=cfg, processing_class=tok, train_dataset=ds, **models)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # TRL prints every step's metrics
             trainer.train()
         return time.perf_counter() - t0
 
     warm = run(1)
+    gc.collect()  # the first trainer's models go before the second is built (peak memory: one trainer's worth)
     full = run(args.steps + 1)
     return {"total": (full - warm) / args.steps}
 

@@ -61,7 +61,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STAGES = ("sft", "rm", "ppo", "grpo", "dpo")
+STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "ppo_lora")
 VARIANTS = ("align", "trl", "bare")
 # the phases align logs, in the order they happen; others it logs (time_*) are appended in the order seen
 PHASES = ("time_generation", "time_scoring", "time_reference", "time_training")
@@ -73,7 +73,9 @@ SHAPES = {
 # Before each problem of the realistic shape; with the chat template's role tokens the prompt is ~128 tokens.
 INSTRUCTION = ("You are a careful math tutor. Read the problem, add the columns, check every carry, then reply with "
                "the sum.")
-LR = dict(sft=1e-4, rm=1e-5, ppo=1e-5, grpo=1e-5, dpo=1e-6)  # as bench_sft, -, bench_ppo, bench_grpo, bench_dpo
+LR = dict(sft=1e-4, rm=1e-5, ppo=1e-5, grpo=1e-5, dpo=1e-6,  # as bench_sft, -, bench_ppo, bench_grpo, bench_dpo
+          ppo_lora=1e-5)
+LORA_R = 16  # align's default lora_r (alpha 32, every linear layer); bench_ppo.bench_trl's LoraConfig
 PPO_EPOCHS, PPO_MINI_BATCHES, GRPO_BETA = 4, 2, 0.04
 
 # TRL's RewardTrainer (trl 1.16), in the protocol of bench_dpo.TRL: spec as JSON in argv[1], a RESULT line.
@@ -141,6 +143,19 @@ def make_rm(model: str, folder: str) -> str:
     return make_reward_model(model, os.path.join(folder, "rm"))
 
 
+def make_rm_adapter(model: str, folder: str, env: dict, threads: int) -> str:
+    """A reward model as `align rm --use_lora` leaves it (a LoRA adapter of `model` and a value head), after one
+    step on short pairs: what ppo_lora's one base copy loads as the reward model and the critic's start."""
+    data, _ = make_data("rm", SHAPES["short"], model, os.path.join(folder, "rm_lora_data"), 8)
+    out = os.path.join(folder, "rm_lora")
+    cmd = [sys.executable, "-m", "align.cli", "rm", "--model", model, "--train_data", data, "--output_dir", out,
+           "--overwrite_output_dir", "true", "--max_steps", "1", "--per_device_train_batch_size", "4",
+           "--max_length", "512", "--dtype", "float32", "--use_lora", "true", "--lora_r", str(LORA_R),
+           "--num_threads", str(threads), "--disable_tqdm", "true"]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
 def render_prompt(tok, a: int, b: int, chat: bool) -> str:
     from align.task import make_prompt
 
@@ -190,7 +205,7 @@ def make_data(stage: str, shape: dict, model: str, folder: str, rows: int) -> tu
 def per_step(stage: str, shape: dict) -> int:
     """Batch size of a step in the stage's own unit: examples, pairs, rollouts, completions."""
     return {"sft": shape["sft_batch"], "rm": shape["completions"] // 2, "dpo": shape["completions"] // 2,
-            "ppo": shape["completions"], "grpo": shape["completions"]}[stage]
+            "ppo": shape["completions"], "grpo": shape["completions"], "ppo_lora": shape["completions"]}[stage]
 
 
 # ------------------------------------------------------------------------------------------------ variants ----
@@ -208,11 +223,16 @@ def align_args(stage: str, shape: dict, model: str, rm: str, data: str, rewards:
         "ppo": ["--reward_model", rm, "--value_model", rm, "--max_new_tokens", str(shape["new_tokens"]),
                 "--num_ppo_epochs", str(PPO_EPOCHS), "--num_mini_batches", str(PPO_MINI_BATCHES),
                 "--temperature", "1.0"],
+        # one base copy: policy and critic adapters, the reference = adapters off, the reward model = the frozen
+        # adapter + head that make_rm_adapter wrote (`rm` is that folder here)
+        "ppo_lora": ["--reward_model", rm, "--value_model", rm, "--max_new_tokens", str(shape["new_tokens"]),
+                     "--num_ppo_epochs", str(PPO_EPOCHS), "--num_mini_batches", str(PPO_MINI_BATCHES),
+                     "--temperature", "1.0", "--use_lora", "true", "--lora_r", str(LORA_R), "--share_base", "true"],
         "grpo": ["--reward_funcs", f"{rewards}:pseudo_random", "--num_generations", str(shape["G"]),
                  "--max_new_tokens", str(shape["new_tokens"]), "--beta", str(GRPO_BETA), "--epsilon", "0.2",
                  "--loss_type", "dapo", "--scale_rewards", "group", "--temperature", "1.0"],
     }[stage]
-    return ["-m", "align.cli", stage, *common, *extra]
+    return ["-m", "align.cli", stage.split("_")[0], *common, *extra]
 
 
 def variant_target(variant: str, stage: str, shape: dict, model: str, rm: str, data: str, rewards: str, out: str,
@@ -227,8 +247,8 @@ def variant_target(variant: str, stage: str, shape: dict, model: str, rm: str, d
         if stage == "dpo":  # bench_dpo's protocol: every step's time, warm-up included
             return sys.executable, [scripts["dpo_bare"], json.dumps(spec)], w
         return sys.executable, ["_child", "bare", json.dumps(spec)], 0
-    if stage == "ppo":
-        return args.trl110, ["_child", "trl_ppo", json.dumps(spec)], 0
+    if stage in ("ppo", "ppo_lora"):
+        return args.trl110, ["_child", "trl_ppo", json.dumps({**spec, "lora": stage == "ppo_lora"})], 0
     if stage == "sft":  # argv: model, data, steps, batch, lr, warmup, out, max_length; the mean of timed steps
         return args.trl116, [scripts["sft_trl"], model, data, str(args.steps), str(b), str(LR[stage]), str(w),
                              out, "512"], 0
@@ -265,11 +285,13 @@ def write_scripts(folder: str) -> dict[str, str]:
 def not_applicable(variant: str, stage: str, args, cuda: bool) -> str:
     """Why a variant is not run ('' when it is)."""
     if variant == "trl":
-        python, flag = (args.trl110, "--trl110") if stage == "ppo" else (args.trl116, "--trl116")
+        python, flag = (args.trl110, "--trl110") if stage.startswith("ppo") else (args.trl116, "--trl116")
         if not python:
             return f"no TRL venv ({flag} '')"
         if not os.path.exists(python):
             return f"{flag} {python} does not exist"
+    if variant == "bare" and stage == "ppo_lora":
+        return "no bare LoRA PPO loop (the memory comparison is against TRL's LoRA PPO)"
     if cuda and variant == "bare" and stage in ("sft", "dpo"):
         return "bench_sft.bare_loop / bench_dpo.BARE run on the CPU only"
     return ""
@@ -288,7 +310,8 @@ def child(kind: str, spec: dict) -> None:
     stage, w, total = spec["stage"], spec["warmup"], spec["steps"]
     ns = argparse.Namespace(batch=spec["batch"], new_tokens=spec["new_tokens"], epochs=PPO_EPOCHS,
                             mini_batches=PPO_MINI_BATCHES, temperature=1.0, steps=total - w, warmup=w,
-                            num_generations=spec["G"], beta=GRPO_BETA, lr=spec["lr"], seed=0, trl_python="")
+                            num_generations=spec["G"], beta=GRPO_BETA, lr=spec["lr"], seed=0, trl_python="",
+                            lora=spec.get("lora", False))
     if kind == "trl_ppo":
         from bench_ppo import bench_trl
 
@@ -465,7 +488,7 @@ def print_table(size: str, shape_name: str, stages: list[str], results: dict, st
     print("   mean tokens: " + "; ".join(([f"prompt {statistics.mean(prompt):.0f}"] if prompt else [])
                                         + ([f"SFT example {sft['tokens/example']:.0f} (max {sft['max']})"]
                                            if sft else [])))
-    head = (f"{'stage':<6}{'align s':>9}{'trl s':>9}{'bare s':>9}{'al/trl':>8}{'al/bare':>8}"
+    head = (f"{'stage':<9}{'align s':>9}{'trl s':>9}{'bare s':>9}{'al/trl':>8}{'al/bare':>8}"
             f"{'| ' + mem + ' align':>23}{'trl':>7}{'bare':>7}{'al/trl':>8}  align breakdown (s/step)")
     print(head)
     print("-" * len(head))
@@ -490,7 +513,7 @@ def print_table(size: str, shape_name: str, stages: list[str], results: dict, st
         def ratio(a, b, w):
             return fmt(a / b, w, 2) if isinstance(a, float) and isinstance(b, float) and b else f"{'-':>{w}}"
 
-        line = (f"{st:<6}{num(cells['align'], 9)}{num(cells['trl'], 9)}{num(cells['bare'], 9)}"
+        line = (f"{st:<9}{num(cells['align'], 9)}{num(cells['trl'], 9)}{num(cells['bare'], 9)}"
                 f"{ratio(cells['align'], cells['trl'], 8)}{ratio(cells['align'], cells['bare'], 8)}"
                 f"{num(mems['align'], 23, 2)}{num(mems['trl'], 7, 2)}{num(mems['bare'], 7, 2)}"
                 f"{ratio(mems['align'], mems['trl'], 8)}  ")
@@ -573,6 +596,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = build_model(size, sdir)
         rm = make_rm(model, sdir) if "ppo" in stages else ""
+        rm_lora = make_rm_adapter(model, sdir, env, args.threads) if "ppo_lora" in stages else ""
         print(f"[{size}] model built in {time.perf_counter() - t0:.0f} s: {model}", flush=True)
         for shape_name in shapes:
             shape = SHAPES[shape_name]
@@ -593,8 +617,9 @@ def main() -> None:
                         out = os.path.join(sdir, shape_name, "runs", f"{stage}-{v}-{rep}")
                         shutil.rmtree(out, ignore_errors=True)
                         os.makedirs(os.path.dirname(out), exist_ok=True)
-                        python, target, drop = variant_target(v, stage, shape, model, rm, data, rewards, out,
-                                                              scripts, args)
+                        python, target, drop = variant_target(v, stage, shape, model,
+                                                              rm_lora if stage == "ppo_lora" else rm, data,
+                                                              rewards, out, scripts, args)
                         if v == "align":
                             drop = args.warmup
                         res_file = out + ".result.json"
@@ -627,7 +652,7 @@ def main() -> None:
                         res.update(rss_gb=rss, gpu_gb=peak / 2 ** 30 if peak is not None else None, wall=wall,
                                    threads=wrap.get("threads"))
                         results.setdefault(key, []).append(res)
-                        print(f"[{size} {shape_name} rep {rep + 1}/{args.reps}] {stage:<4} {v:<5} "
+                        print(f"[{size} {shape_name} rep {rep + 1}/{args.reps}] {stage:<8} {v:<5} "
                               f"{res['step']:.3f} s/step, peak RSS {rss:.2f} GB"
                               + (f", GPU peak {res['gpu_gb']:.2f} GB" if res["gpu_gb"] is not None else "")
                               + f", threads {res['threads']} (run {wall:.0f} s, load average {load:.1f} "
