@@ -230,7 +230,8 @@ def load_scalar_model(path: str, dtype: torch.dtype = torch.float32, trust_remot
                                          seed=seed)
                 model = PeftModel.from_pretrained(base, path)
                 if merge_adapter:
-                    model = model.merge_and_unload()
+                    # a plain model as from_pretrained gives it: trainable (peft froze the base it loaded on)
+                    model = model.merge_and_unload().requires_grad_(True)
                     _record_source(model, path)
             elif _is_adapter_dir(path):
                 from .models import load_causal_lm

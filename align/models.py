@@ -180,7 +180,8 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_c
             base = load_causal_lm(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
             model = PeftModel.from_pretrained(base, path)
             if merge_adapter:
-                model = model.merge_and_unload()
+                # a plain model as from_pretrained gives it: trainable (peft froze the base it loaded on)
+                model = model.merge_and_unload().requires_grad_(True)
                 _record_source(model, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,

@@ -342,6 +342,24 @@ def test_full_weight_runs_do_not_share(tiny_model_dir, rm_adapter, data, spy, tm
     (setup,) = spy["setups"]
     roles = base_storages(setup)
     assert len({frozenset(s) for s in roles.values()}) == 4  # policy, reference, critic, reward model: 4 copies
+    # the critic starts from the LoRA reward model merged into its base, and is trained in full: every weight of
+    # it (peft loads an adapter's base frozen; the merged model must come back trainable) and of the policy
+    net = setup.run.unwrap()
+    assert all(p.requires_grad for p in net.parameters())
+    start = load_scalar_model(rm_adapter).state_dict()
+    saved = load_file(os.path.join(tmp_path / "full", "value_model", "model.safetensors"))
+    moved = [k for k in saved if not torch.equal(saved[k], start[k])]
+    assert any("layers" in k for k in moved) and any("score" in k for k in moved)
+
+
+def test_a_model_saved_as_a_lora_adapter_loads_trainable(tiny_model_dir, rm_adapter, tmp_path):
+    """An adapter directory (`align sft --use_lora`, `align rm --use_lora`) loads merged into a plain model with
+    every weight trainable, as a full model loads: the next stage can train it in full."""
+    policy = apply_lora(load_causal_lm(tiny_model_dir), 4, 8, 0.0, ["all-linear"])
+    policy.save_pretrained(tmp_path / "sft")
+    for model in (load_causal_lm(str(tmp_path / "sft")), load_scalar_model(rm_adapter)):
+        assert not hasattr(model, "peft_config")  # merged
+        assert all(p.requires_grad for p in model.parameters()), type(model).__name__
 
 
 def test_grpo_reward_model_adapter_on_the_policy_base_equals_a_separate_copy(tiny_model_dir, rm_adapter, data,
