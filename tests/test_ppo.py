@@ -295,3 +295,35 @@ def test_missing_column_is_reported_with_file_and_line(tiny_model_dir, tmp_path,
             "--reward_funcs", "exact_match"]
     assert main(argv) == 2
     assert f"{data}: line 2, field 'answer': missing column" in capsys.readouterr().err
+
+
+def test_policy_then_critic_backward_equals_one_backward(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path,
+                                                         monkeypatch):
+    """On one process each micro-batch runs the policy's forward and backward, then the critic's (its peak holds
+    one model's activations): the same updates and metrics as one forward and backward of both, with every loss
+    term on (entropy bonus, KL in the loss, clipped values) and gradient accumulation."""
+    from align.trainers.ppo import PPOStep
+
+    calls = {"forward": 0}
+    real_forward = PolicyAndValue.forward
+
+    def counting(self, *a, **kw):  # the forward of both at once (the rollout's values call `values` alone)
+        calls["forward"] += 1
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(PolicyAndValue, "forward", counting)
+    common = ("--max_steps", "2", "--reward_model", tiny_rm_dir, "--value_model", tiny_rm_dir,
+              "--entropy_coef", "0.01", "--kl_in", "loss", "--beta", "0.05", "--cliprange_value", "0.2",
+              "--num_mini_batches", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8")
+    split = ppo(tiny_model_dir, prompts_file, tmp_path / "split", *common)
+    assert calls["forward"] == 0  # the split ran
+    monkeypatch.setattr(PPOStep, "splits", staticmethod(lambda run: False))
+    one = ppo(tiny_model_dir, prompts_file, tmp_path / "one", *common)
+    assert calls["forward"] == 2 * 4 * 2 * 2  # steps x epochs x minibatches x micro-batches
+    for sub in ("", "value_model"):
+        a = load_file(os.path.join(split, sub, "model.safetensors"))
+        b = load_file(os.path.join(one, sub, "model.safetensors"))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, sub
+    for ra, rb in zip(read_metrics(split), read_metrics(one)):
+        for k in ("policy_loss", "value_loss", "vf_clip_frac", "entropy", "kl_penalty", "approx_kl", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k

@@ -31,7 +31,7 @@ from ..advantages import per_token_rewards, ppo_advantages, token_kl
 from ..config import AlignError, PPOConfig
 from ..data import split_evenly
 from ..kl_control import KLController
-from ..losses import POLICY_LOSSES, explained_variance, masked_mean
+from ..losses import POLICY_LOSSES, explained_variance, masked_mean, value_loss
 from ..rollout import (Rollout, logprob_request, make_generator, scatter_logprobs, scatter_tokens,
                        sequence_inputs)
 from .critic import PolicyAndValue, rollout_values, with_critic
@@ -60,6 +60,16 @@ class PPOStep:
     def __init__(self, setup: RLSetup):
         self.cfg, self.run, self.model, self.sampler = setup.cfg, setup.run, setup.model, setup.sampler
         self.controller: KLController = setup.state
+        self.split_backward = self.splits(setup.run)
+
+    @staticmethod
+    def splits(run) -> bool:
+        """Whether each micro-batch runs the policy's forward and backward, then the critic's (one process, a
+        critic of its own): the peak then holds one model's activations, not both, for the same gradients (the
+        loss is a policy term plus a value term, and each parameter gets its gradient from one of them). Not
+        under DDP/FSDP/DeepSpeed, whose wrappers expect one forward and one backward of the whole module, nor
+        with a value head on the policy's trunk (the trunk is shared)."""
+        return run.strategy == "single process" and run.unwrap().value_head is None
 
     def __call__(self, step: int) -> dict[str, float]:
         cfg, run = self.cfg, self.run
@@ -143,16 +153,21 @@ class PPOStep:
         sub = r.subset(idx)
         c = sub.completion_ids.shape[1]
         idx = idx.to(adv.device)
-        inp = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, sub.completion_mask)
-        request = logprob_request(sub.completion_ids, sub.completion_mask, cfg.temperature,
+        mask = sub.completion_mask
+        inp = sequence_inputs(sub.prompt_ids, sub.prompt_mask, sub.completion_ids, mask)
+        args = (inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"])
+        request = logprob_request(sub.completion_ids, mask, cfg.temperature,
                                   with_entropy=with_entropy or cfg.entropy_coef != 0)
-        out, values = self.model(inp["input_ids"], inp["select"], inp["attention_mask"], inp["position_ids"],
-                                 logprobs=request)
-        logp, ent = scatter_logprobs(out, sub.completion_mask)
+        if self.split_backward:  # the policy's part now, the critic's after its backward (see `splits`)
+            out, values = self.run.unwrap().policy(*args, logprobs=request), None
+        else:
+            out, values = self.model(*args, logprobs=request)
+        logp, ent = scatter_logprobs(out, mask)
+        cliprange_value = cfg.cliprange_value or None
         loss, stats = POLICY_LOSSES["ppo"](
-            logp, sub.logprobs, adv[idx, :c], scatter_tokens(values, sub.completion_mask), sub.values,
-            returns[idx, :c], sub.completion_mask, cliprange=cfg.cliprange if cfg.use_clipping else None,
-            cliprange_value=cfg.cliprange_value or None, vf_coef=cfg.vf_coef,
+            logp, sub.logprobs, adv[idx, :c], sub.values if values is None else scatter_tokens(values, mask),
+            sub.values, returns[idx, :c], mask, cliprange=cfg.cliprange if cfg.use_clipping else None,
+            cliprange_value=cliprange_value, vf_coef=0.0 if values is None else cfg.vf_coef,
             entropy=ent if cfg.entropy_coef != 0 else None,
             entropy_coef=cfg.entropy_coef, kl_coef=loss_beta, kl_to=cfg.kl_to, ref_logp=sub.ref_logprobs,
             kl_estimator=cfg.kl_estimator, num_items=num_items)
@@ -161,6 +176,13 @@ class PPOStep:
             ent_tok = out.entropy.detach().float()
             stats["entropy"] = ent_tok.sum()
             stats["_entropy_count"] = torch.tensor(float(ent_tok.numel()))
+        if values is None:
+            del out, logp, ent, loss  # the policy's graph is gone; now the critic's
+            values = self.run.unwrap().values(*args)
+            vl, v_stats = value_loss(scatter_tokens(values, mask), sub.values, returns[idx, :c], mask,
+                                     clip_range=cliprange_value, num_items=num_items)
+            self.run.backward(cfg.vf_coef * vl * weight)
+            stats.update(value_loss=vl.detach(), vf_clip_frac=v_stats["vf_clip_frac"])
         return stats
 
 
