@@ -19,7 +19,7 @@ from conftest import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "llama", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2"}
-FAMILIES = ["smollm2-135m", "qwen2.5-0.5b"]
+FAMILIES = ["smollm2-135m", "smollm2-135m-lora", "qwen2.5-0.5b"]
 ORDER = {"sft": 0, "rm": 1, "ppo": 2, "grpo": 3, "trpo": 4, "reinforce": 5}  # stage recipes, in the order they run
 PIPELINES = {"smollm2-135m": "pipeline.yaml"}  # run by test_real_model_pipeline_runs_two_steps_per_stage_...
 
@@ -108,7 +108,7 @@ def test_recipe_fields_are_valid_for_their_stage(path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_real_model_recipes_run_two_steps_on_tiny_stand_ins(family, tmp_path, monkeypatch):
+def test_real_model_recipes_run_two_steps_on_tiny_stand_ins(family, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     recipes = sorted((p for p in glob.glob(os.path.join(ROOT, "recipes", family, "*.yaml"))
                       if os.path.basename(p) != PIPELINES.get(family)),
@@ -136,9 +136,13 @@ def test_real_model_recipes_run_two_steps_on_tiny_stand_ins(family, tmp_path, mo
             argv += [f"--{k}", str(v)]
         assert main(argv) == 0, f"{recipe} failed"
         assert os.path.isfile(os.path.join(over["output_dir"], "metrics.jsonl"))
+        if cfg.get("share_base"):  # the one-base-copy recipes must really share (else they fall back in one line)
+            said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(f"{stage}: ")]
+            assert said and said[-1].startswith(f"{stage}: one copy of the base weights for the policy, the "
+                                                "reference, the reward model"), said
         produced[cfg["output_dir"]] = over["output_dir"]
         ran.append(stage)
-    assert ran[0] in ("sft", "grpo")
+    assert ran[0] in ("sft", "rm", "grpo")  # a family starts from a hub model (an instruct model needs no SFT)
 
 
 def test_real_model_pipeline_runs_two_steps_per_stage_on_tiny_stand_ins(tmp_path, monkeypatch):
