@@ -216,3 +216,40 @@ def test_every_batch_layout_gives_the_padded_loss(tiny_model_dir):
             assert n == n_pad
             torch.testing.assert_close(loss, padded, rtol=1e-5, atol=1e-4)
     assert collate(examples, True, 64, 0, 32)["input_ids"].shape != collate(examples, True, 64, 0, 0)["input_ids"].shape
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 64])
+def test_sft_loss_is_the_cross_entropy_of_the_full_logits(tiny_model_dir, chunk_elements, monkeypatch):
+    """token_loss_sum asks the SelectiveLM for the targets' log-probs (chunked when the logits would be large: a
+    64-element budget runs the head one row at a time): its loss and every gradient equal the cross-entropy of
+    the whole model's logits at the target positions, computed the plain way."""
+    import torch
+    import torch.nn.functional as F
+
+    import align.models as M
+    from align.data import SFTExample
+    from align.trainers.sft import collate, token_loss_sum
+
+    if chunk_elements:
+        monkeypatch.setattr(M, "CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    model = M.load_causal_lm(tiny_model_dir)
+    lm = M.SelectiveLM(model)
+    examples = [SFTExample(ids, [-100] * 3 + ids[3:]) for ids in ([11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24],
+                                                                  [30, 31, 32, 33, 34, 35, 36, 37])]
+    batch = collate(examples, False, 64, 0)
+    loss, n = token_loss_sum(lm, batch, "cpu")
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    labels = batch["labels"]
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    # the collated labels are the next tokens (position t holds token t + 1), IGNORE_INDEX where no loss is taken
+    assert torch.equal(labels[0, 2:5], batch["input_ids"][0, 3:6])
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                          reduction="sum")
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert n == int((labels != -100).sum()) == 3 + 2 + 5
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -8,12 +8,11 @@ count, so the split into processes and micro-batches does not change the gradien
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import SFTConfig
 from ..data import (IGNORE_INDEX, SFTExample, batched, pack_examples, pack_rows, pad_examples, read_rows,
                     tokenize_sft)
-from ..models import SelectiveLM, load_tokenizer, load_trained_lm
+from ..models import LogprobRequest, SelectiveLM, load_tokenizer, load_trained_lm
 from .checkpoints import check_output_dir
 from .loop import Run, resolve_max_steps, seed_everything
 from .outputs import save_final
@@ -62,14 +61,15 @@ def num_targets(ex: SFTExample) -> int:
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the batch's target tokens and their count; logits only at those tokens."""
+    """Summed cross-entropy over the batch's target tokens and their count: minus the log-probabilities of the
+    targets, asked of the SelectiveLM, which runs the output head only at those tokens and, when the (tokens x
+    vocabulary) logits would be large, in chunks of rows without ever holding them whole (`align.chunked`)."""
     labels = batch["labels"].to(device)
     select = labels != IGNORE_INDEX
-    logits = model(batch["input_ids"].to(device), select=select,
-                   attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
-                   position_ids=batch["position_ids"].to(device))
-    loss = F.cross_entropy(logits.float(), labels[select], reduction="sum")
-    return loss, int(select.sum())
+    out = model(batch["input_ids"].to(device), select=select,
+                attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+                position_ids=batch["position_ids"].to(device), logprobs=LogprobRequest(labels[select]))
+    return -out.logp.float().sum(), int(select.sum())
 
 
 def train_sft(cfg: SFTConfig) -> dict[str, float]:
