@@ -548,6 +548,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after --warmup")
     ap.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)  # bench_ppo's functions assume 1
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of every process")
+    ap.add_argument("--sft_batch", type=int, default=0, help="SFT examples per step instead of the shape's 32 (at "
+                                                             "the smollm2 size 32 realistic examples do not fit "
+                                                             "TRL or the bare loop in 24 GiB: use 8)")
     ap.add_argument("--trl116", default="/tmp/trl116/bin/python",
                     help="python of a venv with trl==1.16.0 (SFT, RM, GRPO, DPO); '' skips TRL")
     ap.add_argument("--trl110", default="/tmp/trl110/bin/python",
@@ -564,6 +567,9 @@ def main() -> None:
     if bad:
         sys.exit(f"unknown {', '.join(bad)}; stages: {','.join(STAGES)}; sizes: tiny,smollm2; shapes: "
                  f"{','.join(SHAPES)}")
+    if args.sft_batch:
+        for name in SHAPES:
+            SHAPES[name] = dict(SHAPES[name], sft_batch=args.sft_batch)
     if args.steps < 1 or args.reps < 1 or args.warmup != 1:
         sys.exit("--steps and --reps must be >= 1 (and the warm-up is 1 step)")
 
