@@ -35,6 +35,8 @@ import sys
 import tempfile
 import textwrap
 
+from trl_timing import STEP_TIMER  # bench/ is on sys.path when a bench runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -160,22 +162,16 @@ TRL = textwrap.dedent("""
     tok = AutoTokenizer.from_pretrained(a["model"])
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
     ds = load_dataset("json", data_files=a["data"], split="train")
-    stamps = []
-    class T(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            stamps.append(["b", time.perf_counter()])
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(["e", time.perf_counter()])
+""") + STEP_TIMER + textwrap.dedent("""
     cfg = DPOConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["batch"],
                     learning_rate=1e-6, beta=0.1, loss_type=["sigmoid"], lr_scheduler_type="constant",
                     warmup_steps=0, max_grad_norm=1.0, max_length=512, precompute_ref_log_probs=a["precompute"],
                     logging_steps=1000, save_strategy="no", report_to="none", bf16=False, fp16=False,
                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True,
                     disable_tqdm=True)
-    tr = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[T()])
+    tr = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
     tr.train()
-    begins = [t for k, t in stamps if k == "b"]; ends = [t for k, t in stamps if k == "e"]
-    print("RESULT " + json.dumps({"step_times": [e - b for b, e in zip(begins, ends)],
+    print("RESULT " + json.dumps({"step_times": step_times(),
                                   "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """)
 

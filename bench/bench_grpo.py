@@ -42,6 +42,8 @@ import time
 
 import torch
 
+from trl_timing import STEP_TIMER  # bench/ is on sys.path when a bench runs
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -163,14 +165,7 @@ TRL_SCRIPT = textwrap.dedent("""
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
     ds = load_dataset("json", data_files=a["data"], split="train")
-    stamps = []
-    class T(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if torch.cuda.is_available(): torch.cuda.synchronize()
-            stamps.append(["b", time.perf_counter()])
-        def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available(): torch.cuda.synchronize()
-            stamps.append(["e", time.perf_counter()])
+""") + STEP_TIMER + textwrap.dedent("""
     cfg = GRPOConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["batch"],
                      num_generations=a["G"], max_completion_length=a["new_tokens"], learning_rate=a["lr"],
                      beta=a["beta"], epsilon=0.2, loss_type="dapo", scale_rewards="group", temperature=1.0,
@@ -179,14 +174,12 @@ TRL_SCRIPT = textwrap.dedent("""
                      gradient_checkpointing=False, dataloader_num_workers=0, seed=a["seed"],
                      use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     tr = GRPOTrainer(model=model, reward_funcs=[reward], args=cfg, train_dataset=ds, processing_class=tok,
-                     callbacks=[T()])
+                     callbacks=[StepTimer()])
     tr.train()
     if a["save"]:
         tr.save_model(a["out"])
         tok.save_pretrained(a["out"])
-    begins = [t for k, t in stamps if k == "b"]; ends = [t for k, t in stamps if k == "e"]
-    per = [e - b for b, e in zip(begins, ends)]
-    print("TRL_RESULT " + json.dumps({"step_times": per}))
+    print("TRL_RESULT " + json.dumps({"step_times": step_times()}))
 """)
 
 

@@ -59,6 +59,8 @@ import tempfile
 import textwrap
 import time
 
+from trl_timing import STEP_TIMER  # bench/ is on sys.path when a bench runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "ppo_lora")
@@ -89,23 +91,15 @@ RM_TRL = textwrap.dedent("""
     model = AutoModelForSequenceClassification.from_pretrained(a["model"], num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     ds = load_dataset("json", data_files=a["data"], split="train")
-    stamps = []
-    class T(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if torch.cuda.is_available(): torch.cuda.synchronize()
-            stamps.append(["b", time.perf_counter()])
-        def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available(): torch.cuda.synchronize()
-            stamps.append(["e", time.perf_counter()])
+""") + STEP_TIMER + textwrap.dedent("""
     cfg = RewardConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["batch"],
                        learning_rate=a["lr"], lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                        max_length=512, center_rewards_coefficient=None, logging_steps=1000, save_strategy="no",
                        report_to="none", bf16=False, fp16=False, gradient_checkpointing=False,
                        dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    tr = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[T()])
+    tr = RewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
     tr.train()
-    begins = [t for k, t in stamps if k == "b"]; ends = [t for k, t in stamps if k == "e"]
-    print("RESULT " + json.dumps({"step_times": [e - b for b, e in zip(begins, ends)]}))
+    print("RESULT " + json.dumps({"step_times": step_times()}))
 """)
 
 

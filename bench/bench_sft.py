@@ -33,6 +33,8 @@ from align.data import global_batch_indices, pad_examples, read_rows, tokenize_s
 from align.tiny import save_tiny_model  # noqa: E402
 from align.trainers.sft import train_sft  # noqa: E402
 
+from trl_timing import STEP_TIMER  # noqa: E402  (bench/ is on sys.path when a bench runs)
+
 
 def make_data(path: str, n: int, seed: int = 0, shape: str = "steps") -> str:
     """n prompt/completion rows of the addition task. shape: "steps" (~70 tokens: a worked answer, so the loss
@@ -107,19 +109,15 @@ TRL_SCRIPT = textwrap.dedent("""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = load_dataset("json", data_files=data, split="train")
-    stamps = []
-    class T(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw): stamps.append(["b", time.perf_counter()])
-        def on_step_end(self, args, state, control, **kw): stamps.append(["e", time.perf_counter()])
+""") + STEP_TIMER + textwrap.dedent("""
     cfg = SFTConfig(output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=lr,
                     lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to="none",
                     bf16=False, fp16=False, gradient_checkpointing=False, max_length=max_length,
                     completion_only_loss=True, packing=False, dataloader_num_workers=0, seed=0,
                     use_cpu=not torch.cuda.is_available())
-    tr = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[T()])
+    tr = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
     tr.train()
-    begins = [t for k, t in stamps if k == "b"]; ends = [t for k, t in stamps if k == "e"]
-    per = [e - b for b, e in zip(begins, ends)][warmup:]
+    per = step_times()[warmup:]
     print("TRL_RESULT " + json.dumps({"step_time": sum(per) / len(per)}))
 """)
 
