@@ -288,7 +288,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 # `align <stage> --help` groups: field name -> topic; a stage's own fields form a group of their own
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "ref_model", "reward_model", "value_model", "dtype", "trust_remote_code", "use_lora", "lora_r",
+    "model": ("model", "ref_model", "reward_model", "value_model", "dtype", "frozen_dtype", "trust_remote_code", "use_lora", "lora_r",
               "lora_alpha", "lora_dropout", "lora_target_modules", "share_base", "gradient_checkpointing"),
     "data": ("train_data", "eval_data", "train_split", "eval_split", "column_map", "max_length", "eval_max_samples"),
     "optimisation": ("max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -384,6 +384,12 @@ class RLConfig(BaseConfig):
                                      "eval_data (e.g. exact_match).")
     ref_model: str = _f("", "Frozen reference policy for the KL penalty (default: model). With use_lora the "
                             "reference is model with the adapter disabled: no second copy of the weights.")
+    frozen_dtype: str = _f("auto", "dtype of the models that are never trained here (a reference or reward model "
+                                   "of their own): auto (bf16 where dtype gives bf16 autocast, i.e. on capable GPUs; "
+                                   "else the trained weights' dtype), float32, bfloat16 or float16. bfloat16 on a "
+                                   "CPU with native bf16 (AVX512-BF16 or AMX) halves their memory and time; the KL "
+                                   "and reward then carry bf16 rounding (about 1e-2 per token).",
+                           choices=("auto", "float32", "bfloat16", "float16"))
     beta: float = _f(0.05, "KL penalty coefficient (TRL's PPO calls it kl_coef); 0 disables the penalty.", ge=0)
     kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log-ratio, unbiased), k2 (half squared "
                                  "log-ratio), k3 (r - 1 - log r, unbiased and >= 0).", choices=("k1", "k2", "k3"))

@@ -40,8 +40,12 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> tuple[torch.
     return table[name], "no"
 
 
-def frozen_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
-    """dtype for models that are never trained (reference, reward): bf16 on capable GPUs under auto."""
+def frozen_dtype(name: str, device: torch.device | None = None, frozen: str = "auto") -> torch.dtype:
+    """dtype for models that are never trained (reference, reward) given the config's `dtype` (`name`) and
+    `frozen_dtype` (`frozen`): under auto, bf16 where `dtype` gives bf16 autocast (capable GPUs), else the
+    trained weights' dtype; an explicit name is taken as it is (bf16 on a CPU too)."""
+    if frozen != "auto":
+        return resolve_dtype(frozen, device)[0]
     w, mp = resolve_dtype(name, device)
     return torch.bfloat16 if mp == "bf16" else w
 

@@ -294,9 +294,11 @@ def reward_sources(cfg, device, host: Any = None) -> dict[str, RewardFn]:
     :class:`align.scoring.RewardModelScorer`)."""
     sources: dict[str, RewardFn] = {}
     if cfg.reward_model:
+        from .models import frozen_dtype
         from .scoring import RewardModelScorer
 
-        sources[REWARD_MODEL_NAME] = RewardModelScorer(cfg.reward_model, device=device, dtype=cfg.dtype,
+        sources[REWARD_MODEL_NAME] = RewardModelScorer(cfg.reward_model, device=device,
+                                                       dtype=frozen_dtype(cfg.dtype, device, cfg.frozen_dtype),
                                                        batch_size=max(cfg.per_device_eval_batch_size, 1),
                                                        trust_remote_code=cfg.trust_remote_code, host=host)
     sources.update(functions(cfg.reward_funcs))

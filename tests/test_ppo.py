@@ -327,3 +327,45 @@ def test_policy_then_critic_backward_equals_one_backward(tiny_model_dir, tiny_rm
     for ra, rb in zip(read_metrics(split), read_metrics(one)):
         for k in ("policy_loss", "value_loss", "vf_clip_frac", "entropy", "kl_penalty", "approx_kl", "grad_norm"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), k
+
+
+def test_frozen_models_in_bfloat16(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch):
+    """frozen_dtype=bfloat16 loads the reference and the reward model in bf16 (on a CPU too; auto keeps them in
+    the trained dtype there): their log-probs and scores are the fp32 ones up to bf16 rounding, and PPO runs on
+    them."""
+    import align.trainers.rl as rl
+    from align.config import load_config
+    from align.rewards import REWARD_MODEL_NAME, reward_sources
+    from align.rollout import completion_logprobs, generate, make_generator
+    from align.stages import config_class
+    from align.trainers.loop import Run
+
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]])
+    s = generate(policy, ids, (ids > 0).long(), 6, pad_id=0, generator=make_generator("cpu", 0))
+    got = {}
+    for frozen in ("auto", "bfloat16"):
+        cfg = load_config(config_class("ppo"), ["--model", tiny_model_dir, "--train_data", prompts_file,
+                                                "--reward_model", tiny_rm_dir, "--output_dir", str(tmp_path / "x"),
+                                                "--frozen_dtype", frozen], prog="t")
+        run = Run(cfg, "ppo")
+        ref = rl.Reference.load(cfg, policy, tok, run)
+        scorer = reward_sources(cfg, run.device)[REWARD_MODEL_NAME]
+        dtypes = {p.dtype for p in ref.lm.model.parameters()} | {p.dtype for p in scorer.model.parameters()}
+        assert dtypes == {torch.float32 if frozen == "auto" else torch.bfloat16}, (frozen, dtypes)
+        with ref.active() as lm:
+            lp = completion_logprobs(lm, s)[0]
+        got[frozen] = (lp, scorer(["1+2="] * 2, ["3", "45"]))
+        assert lp.dtype == torch.float32
+    (lp32, sc32), (lp16, sc16) = got["auto"], got["bfloat16"]
+    assert not torch.equal(lp32, lp16)  # the bf16 forward really ran
+    assert torch.allclose(lp32, lp16, atol=0.02), (lp32 - lp16).abs().max()
+    assert torch.allclose(torch.as_tensor(sc32), torch.as_tensor(sc16), atol=0.05)
+
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / "bf16", "--max_steps", "2", "--reward_model", tiny_rm_dir,
+              "--frozen_dtype", "bfloat16", "--num_ppo_epochs", "1")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("reward", "kl", "value_loss"))
+    assert abs(rows[0]["kl"]) < 0.02  # the policy is its own reference at step 1, up to bf16 rounding

@@ -236,7 +236,7 @@ def iterative_state(setup: RLSetup) -> IterativeState | None:
     keeper = rm = None
     if setup.reference is not None and cfg.ref_update_every:
         keeper = ReferenceKeeper(setup.reference, setup.policy, cfg.ref_update_every,
-                                 frozen_dtype(cfg.dtype, run.device))
+                                 frozen_dtype(cfg.dtype, run.device, cfg.frozen_dtype))
     if cfg.rm_update:
         rm = RewardModelTrainer(setup.sources[REWARD_MODEL_NAME], functions(label_specs(cfg)), setup.inputs,
                                 cfg.rm_replay_ratio, cfg.rm_learning_rate, run, cfg.seed, run.weights_dtype)
