@@ -226,6 +226,8 @@ def align_args(stage: str, shape: dict, model: str, rm: str, data: str, rewards:
                  "--max_new_tokens", str(shape["new_tokens"]), "--beta", str(GRPO_BETA), "--epsilon", "0.2",
                  "--loss_type", "dapo", "--scale_rewards", "group", "--temperature", "1.0"],
     }[stage]
+    if args.frozen_dtype and stage in ("ppo", "grpo"):  # ppo_lora has no frozen model of its own
+        extra = [*extra, "--frozen_dtype", args.frozen_dtype]
     return ["-m", "align.cli", stage.split("_")[0], *common, *extra]
 
 
@@ -545,6 +547,9 @@ def main() -> None:
     ap.add_argument("--sft_batch", type=int, default=0, help="SFT examples per step instead of the shape's 32 (at "
                                                              "the smollm2 size 32 realistic examples do not fit "
                                                              "TRL or the bare loop in 24 GiB: use 8)")
+    ap.add_argument("--frozen_dtype", default="", choices=("", "float32", "bfloat16"),
+                    help="align's frozen reference / reward model dtype in ppo and grpo (default: align's own "
+                         "default, fp32 on a CPU); TRL and the bare loop keep fp32")
     ap.add_argument("--trl116", default="/tmp/trl116/bin/python",
                     help="python of a venv with trl==1.16.0 (SFT, RM, GRPO, DPO); '' skips TRL")
     ap.add_argument("--trl110", default="/tmp/trl110/bin/python",
@@ -661,7 +666,8 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name(0) if cuda else f"CPU, {args.threads} torch threads per process"
     print(f"\n\n#### Results: seconds per optimizer step and peak memory ({dev}, torch {torch.__version__}, fp32, "
-          f"no gradient checkpointing)")
+          f"no gradient checkpointing" + (f"; align's frozen models in {args.frozen_dtype}" if args.frozen_dtype
+                                           else "") + ")")
     print(f"Step time: mean of steps {args.warmup + 1}..{args.warmup + args.steps} of a run (step 1 is warm-up); "
           f"median of {args.reps} interleaved repetitions (align, trl, bare, ...). Memory: "
           + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the variant's process (os.wait4)")

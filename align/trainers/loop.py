@@ -42,6 +42,41 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+HEAP_MMAP_THRESHOLD = 4 << 20
+
+
+def keep_heap_compact() -> int:
+    """On glibc, serve every allocation of at least 4 MiB by mmap, so it goes back to the system when freed;
+    returns the threshold set (0: nothing done).
+
+    glibc's own threshold is dynamic: it starts at 128 KiB and rises to the size of each mmapped block that is
+    freed (up to 32 MiB), so after the first step's activations are freed, the next steps' tensors of a few MB
+    come from the heap, where a freed block below a live one is never returned: RSS then keeps the high-water mark
+    of every allocation pattern of the run (the LoRA PPO step of bench_real at the SmolLM2 shape: 3.8 GiB, 3.3
+    with this, the same time). Blocks under 4 MiB stay on the heap: an mmap for each costs a page fault per page
+    (a 1 MiB threshold gave 2.3 GiB at 1.4x the training time). Left alone when MALLOC_MMAP_THRESHOLD_ is in
+    the environment (glibc read it at start) or ALIGN_MMAP_THRESHOLD=0; ALIGN_MMAP_THRESHOLD=N sets N bytes."""
+    import ctypes
+    import platform
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux") \
+            or platform.libc_ver()[0] != "glibc":
+        return 0
+    raw = os.environ.get("ALIGN_MMAP_THRESHOLD", "").strip()
+    try:
+        threshold = int(raw) if raw else HEAP_MMAP_THRESHOLD
+    except ValueError:
+        raise AlignError(f"ALIGN_MMAP_THRESHOLD={raw!r}: expected a number of bytes (0: glibc's default)") from None
+    if threshold <= 0:
+        return 0
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover
+        return 0
+    m_mmap_threshold = -3  # malloc.h
+    return threshold if libc.mallopt(m_mmap_threshold, threshold) == 1 else 0
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate at optimizer step s (0-based): linear warmup over `warmup`
     steps, then constant, linear decay to 0 or cosine decay to 0 at `total`."""
@@ -114,6 +149,7 @@ class Run:
         self.stage = stage
         if getattr(cfg, "num_threads", 0) > 0:
             torch.set_num_threads(cfg.num_threads)
+        keep_heap_compact()
         self.weights_dtype, mixed = resolve_dtype(cfg.dtype)
         # report_to and push_to_hub are checked here, before any model is loaded or anything is written
         self.trackers = resolve_trackers(cfg.report_to)
