@@ -384,6 +384,12 @@ class RLConfig(BaseConfig):
                                      "eval_data (e.g. exact_match).")
     ref_model: str = _f("", "Frozen reference policy for the KL penalty (default: model). With use_lora the "
                             "reference is model with the adapter disabled: no second copy of the weights.")
+    share_base: bool = _f(True, "With use_lora: one copy of the base weights for the policy, the reference, a "
+                                "critic (PPO; REINFORCE and TRPO when psi needs values) and the reward model, each "
+                                "a LoRA adapter of its own (with its head) on the policy's base, when reward_model "
+                                "and the critic's source are model itself or LoRA adapters trained on it (`align "
+                                "rm --use_lora`); the others keep separate copies (one log line says which). Not "
+                                "for a reward model that trains (GRPO's rm_update). false: separate copies.")
     frozen_dtype: str = _f("auto", "dtype of the models that are never trained here (a reference or reward model "
                                    "of their own): auto (bf16 where dtype gives bf16 autocast, i.e. on capable GPUs; "
                                    "else the trained weights' dtype), float32, bfloat16 or float16. bfloat16 on a "
@@ -435,12 +441,6 @@ class PPOConfig(RLConfig):
                               "gets a new one), or 'policy' for a value head on the policy's trunk (half the "
                               "compute, but the value loss then trains the policy's weights too: keep rewards "
                               "near unit scale or vf_coef small); default: reward_model when set, else model.")
-    share_base: bool = _f(True, "With use_lora: one copy of the base weights for the policy, the reference, the "
-                                "critic and the reward model, each a LoRA adapter of its own (with its head) on "
-                                "the policy's base, when reward_model and value_model are model itself or LoRA "
-                                "adapters trained on it (`align rm --use_lora`); the others keep separate copies "
-                                "(one log line says which). false: separate copies for the critic and reward "
-                                "model.")
 
 
 @dataclass
@@ -545,10 +545,6 @@ class GRPOConfig(RLConfig):
     per_device_train_batch_size: int = _f(16, "Completions (not prompts) per process per micro-batch, as in TRL; "
                                               "a multiple of num_generations.", ge=1)
     num_generations: int = _f(8, "Completions sampled per prompt: the group size G (>= 2).", ge=2)
-    share_base: bool = _f(True, "With use_lora: one copy of the base weights for the policy, the reference and a "
-                                "reward model trained on the same base with `align rm --use_lora` (a frozen "
-                                "adapter with its head); another reward model keeps its own copy (one log line "
-                                "says which). Not with rm_update (the reward model trains).")
     beta: float = _f(0.0, "Coefficient of the KL(pi || pi_ref) term in the loss; 0 (TRL's default) loads no "
                           "reference model at all. DeepSeekMath used 0.04.", ge=0)
     kl_estimator: str = _f("k3", "Per-token KL estimator in the loss: k3 (r - 1 - log r, GRPO's), k1 or k2.",

@@ -5,7 +5,8 @@ adapter 'reward' + its head) all run on the policy's base weights.
 The one-base run computes what separate copies compute (rollout rewards, reference log-probabilities, values,
 losses, updated weights), holds one copy of the base, trains exactly the policy's and the critic's adapters and
 the value head, saves policy and critic as separate copies would be saved, resumes exactly, and falls back to
-separate copies (in one log line) where it cannot share."""
+separate copies (in one log line) where it cannot share. The other RL stages share the same way: GRPO and online
+DPO their reward model, REINFORCE and TRPO their critic and reward model."""
 
 from __future__ import annotations
 
@@ -362,11 +363,12 @@ def test_a_model_saved_as_a_lora_adapter_loads_trainable(tiny_model_dir, rm_adap
         assert all(p.requires_grad for p in model.parameters()), type(model).__name__
 
 
-def test_grpo_reward_model_adapter_on_the_policy_base_equals_a_separate_copy(tiny_model_dir, rm_adapter, data,
-                                                                             tmp_path, monkeypatch, capsys):
-    """GRPO with use_lora and a LoRA reward model of the same base: the reward model runs as a frozen adapter on
-    the policy's base weights (one copy for policy, reference and reward model); the rewards of every rollout and
-    the trained adapter equal those of a run with the reward model in its own copy."""
+@pytest.mark.parametrize("stage", ["grpo", "online_dpo"])
+def test_group_stage_reward_model_adapter_on_the_policy_base_equals_a_separate_copy(
+        stage, tiny_model_dir, rm_adapter, data, tmp_path, monkeypatch, capsys):
+    """GRPO and online DPO with use_lora and a LoRA reward model of the same base: the reward model runs as a
+    frozen adapter on the policy's base weights (one copy for policy, reference and reward model); the rewards of
+    every rollout and the trained adapter equal those of a run with the reward model in its own copy."""
     rewards: list[torch.Tensor] = []
     real_gather = rl.gather_rollout
 
@@ -382,12 +384,14 @@ def test_grpo_reward_model_adapter_on_the_policy_base_equals_a_separate_copy(tin
     outs = {}
     for name, extra in (("one", []), ("sep", ["--share_base", "false"])):
         outs[name] = str(tmp_path / name)
-        assert main(["grpo", "--model", tiny_model_dir, "--train_data", data["prompts"], "--output_dir", outs[name],
+        assert main([stage, "--model", tiny_model_dir, "--train_data", data["prompts"], "--output_dir", outs[name],
                      *args, *extra]) == 0
+        err = capsys.readouterr().err
         if name == "one":
-            err = capsys.readouterr().err
-            assert ("grpo: one copy of the base weights for the policy, the reference and the reward model "
+            assert (f"{stage}: one copy of the base weights for the policy, the reference and the reward model "
                     "(adapter 'reward')") in err
+        else:
+            assert "one copy of the base weights" not in err
     assert len(rewards) == 4 and rewards[0].abs().max() > 0  # the reward model really scored
     for a, b in zip(rewards[:2], rewards[2:]):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0)
@@ -397,3 +401,68 @@ def test_grpo_reward_model_adapter_on_the_policy_base_equals_a_separate_copy(tin
     for k in w_sep:
         torch.testing.assert_close(w_one[k], w_sep[k], atol=TOL, rtol=0, msg=k)
     assert max(w_one[k].abs().max().item() for k in w_one if "lora_B" in k) > 1e-4
+
+
+@pytest.mark.parametrize("stage", ["reinforce", "trpo"])
+def test_policy_gradient_critic_and_reward_model_on_the_policy_base_equal_separate_copies(
+        stage, tiny_model_dir, rm_adapter, data, tmp_path, monkeypatch, capsys):
+    """REINFORCE and TRPO with use_lora, psi=gae (a critic) and a LoRA reward model of the same base: the critic
+    (its adapter and value head, started from the reward model's) and the reward model run on the policy's base
+    weights; every rollout's rewards and values, and the saved policy and critic, equal those of a run with
+    separate copies (share_base false)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_gather = rl.gather_rollout
+
+    def gather(run, r, pad_id):
+        out = real_gather(run, r, pad_id)
+        seen.append((out.rewards.clone(), out.values.clone()))
+        return out
+
+    monkeypatch.setattr(rl, "gather_rollout", gather)
+    args = ["--disable_tqdm", "true", "--seed", "3", "--max_new_tokens", "4", "--max_length", "32",
+            "--learning_rate", "1e-3", "--use_lora", "true", "--lora_r", "4", "--per_device_train_batch_size", "4",
+            "--beta", "0.04", "--max_steps", "2", "--reward_model", rm_adapter, "--psi", "gae"]
+    if stage == "trpo":
+        args += ["--vf_iters", "2", "--max_kl", "0.05"]
+    outs = {}
+    for name, extra in (("one", []), ("sep", ["--share_base", "false"])):
+        outs[name] = str(tmp_path / name)
+        assert main([stage, "--model", tiny_model_dir, "--train_data", data["prompts"], "--output_dir", outs[name],
+                     *args, *extra]) == 0
+        err = capsys.readouterr().err
+        if name == "one":
+            assert (f"{stage}: one copy of the base weights for the policy, the reference, the reward model "
+                    f"(adapter 'reward') and the critic (adapter 'critic')") in err, err
+        else:
+            assert "one copy of the base weights" not in err
+    assert len(seen) == 4 and seen[0][0].abs().max() > 0 and seen[0][1].abs().max() > 0
+    for (ra, va), (rb, vb) in zip(seen[:2], seen[2:]):
+        torch.testing.assert_close(ra, rb, atol=TOL, rtol=0)
+        torch.testing.assert_close(va, vb, atol=TOL, rtol=0)
+    w_one, w_sep = saved(outs["one"]), saved(outs["sep"])
+    assert set(w_one) == set(w_sep)
+    for k in w_sep:
+        torch.testing.assert_close(w_one[k], w_sep[k], atol=TOL, rtol=0, msg=k)
+    moved = [k for k in w_one if k.startswith("policy.") and "lora_B" in k]
+    assert moved and max(w_one[k].abs().max().item() for k in moved) > 1e-4  # the policy trained
+    critic_b = [k for k in w_one if k.startswith("critic.") and "lora_B" in k]
+    start = load_file(os.path.join(rm_adapter, "adapter_model.safetensors"))
+    assert critic_b and any(not torch.equal(w_one[k], start[k[len("critic."):]]) for k in critic_b
+                            if k[len("critic."):] in start)  # the critic trained away from the reward model
+
+
+def test_trpo_steps_only_the_policy_adapter(tiny_model_dir):
+    """TRPO's parameter vector (conjugate gradient, line search) is the policy's adapter, not a critic adapter
+    that shares the policy's base."""
+    from peft import LoraConfig
+
+    from align.trainers.trpo import trainable
+
+    policy = apply_lora(load_causal_lm(tiny_model_dir), 4, 8, 0.0, ["all-linear"])
+    policy.add_adapter("critic", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    critic = adapter_parameters(policy, "critic")
+    for p in critic:  # trainable, as `shared_critic` makes the critic's adapter
+        p.requires_grad_(True)
+    assert critic
+    got = {id(p) for p in trainable(rl.SelectiveLM(policy))}
+    assert got == {id(p) for p in adapter_parameters(policy, "default")}

@@ -115,7 +115,7 @@ class BaseSharing:
     line: str  # one line that says what shares the base and what does not, and why
 
 
-def plan_base_sharing(cfg, stage: str, sharded: bool) -> BaseSharing:
+def plan_base_sharing(cfg, stage: str, sharded: bool, has_critic: bool) -> BaseSharing:
     """Which of the reward model and the critic of a ``use_lora`` run can run on the policy's base weights: the
     reward model when it is a LoRA adapter of a scalar model trained on ``cfg.model``
     (:func:`align.heads.is_adapter_of`); the critic when its source (:func:`critic_source`) is ``cfg.model``
@@ -136,7 +136,7 @@ def plan_base_sharing(cfg, stage: str, sharded: bool) -> BaseSharing:
             why = why_all or f"{cfg.reward_model} is not a LoRA adapter of {cfg.model}"
             separate.append(f"the reward model ({why})")
     critic = False
-    source = critic_source(cfg) if hasattr(cfg, "value_model") else "policy"  # stages without a critic: none
+    source = critic_source(cfg) if has_critic else "policy"  # "policy": no critic of its own
     if source != "policy":
         why = why_all or ("gradient_checkpointing is on: its recomputation would run with the wrong adapter"
                           if cfg.gradient_checkpointing else "")

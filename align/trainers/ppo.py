@@ -192,7 +192,7 @@ def _controller(setup: RLSetup) -> KLController:
 
 
 PPO = RLStage("ppo", PPOStep, check=check_ppo_config, module=with_critic, uses_reference=lambda cfg: True,
-              num_generations=lambda cfg: 1, state=_controller, share_base=lambda cfg: cfg.share_base)
+              num_generations=lambda cfg: 1, state=_controller, has_critic=lambda cfg: True)
 
 
 def train_ppo(cfg: PPOConfig) -> dict[str, float]:

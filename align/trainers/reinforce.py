@@ -20,7 +20,7 @@ import torch
 from ..config import ReinforceConfig
 from ..losses import POLICY_LOSSES, aggregate_count, value_loss
 from ..rollout import Rollout, logprob_request, scatter_logprobs, scatter_tokens, sequence_inputs
-from .rl import RLSetup, RLStage, check_pg_config, pg_module, psi_rollout, run_rl_stage
+from .rl import RLSetup, RLStage, check_pg_config, pg_has_critic, pg_module, psi_rollout, run_rl_stage
 
 Tensor = torch.Tensor
 
@@ -74,7 +74,8 @@ class ReinforceStep:
         return out
 
 
-REINFORCE = RLStage("reinforce", ReinforceStep, check=check_pg_config, module=pg_module)
+REINFORCE = RLStage("reinforce", ReinforceStep, check=check_pg_config, module=pg_module,
+                    has_critic=pg_has_critic)
 
 
 def train_reinforce(cfg: ReinforceConfig) -> dict[str, float]:

@@ -258,10 +258,17 @@ def psi_rollout(setup: "RLSetup", step: int) -> tuple[Rollout, Tensor, Tensor | 
     return r, psi, targets, rollout_metrics(run, r, kl, **extra)
 
 
-def pg_module(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module) -> nn.Module:
+def pg_module(cfg, tokenizer, dtype: torch.dtype, policy: nn.Module, share_base: bool = False) -> nn.Module:
     """The trained module of the vanilla policy-gradient stages: the policy with a critic (PolicyAndValue) when Ψ
-    needs values, else the policy alone."""
-    return with_critic(cfg, tokenizer, dtype, policy) if needs_values(cfg.psi, cfg.baseline) else SelectiveLM(policy)
+    needs values (on the policy's base weights with ``share_base``), else the policy alone."""
+    if needs_values(cfg.psi, cfg.baseline):
+        return with_critic(cfg, tokenizer, dtype, policy, share_base=share_base)
+    return SelectiveLM(policy)
+
+
+def pg_has_critic(cfg) -> bool:
+    """Whether a vanilla policy-gradient run has a critic of its own (Ψ needs values, not from a value head)."""
+    return needs_values(cfg.psi, cfg.baseline) and cfg.value_model != "policy"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +314,8 @@ class RLStage:
     finish: Callable[[RLSetup], None] = lambda setup: None  # after the policy is saved, on the main process
     # whether the reward model and the critic may run as LoRA adapters on the policy's base weights (one copy of
     # them; `module` then takes share_base=True when the critic can): see critic.plan_base_sharing
-    share_base: Callable[[Any], bool] = lambda cfg: False
+    share_base: Callable[[Any], bool] = lambda cfg: cfg.share_base
+    has_critic: Callable[[Any], bool] = lambda cfg: False  # a critic of its own besides the policy (not a head)
 
 
 def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
@@ -320,7 +328,8 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     run = Run(cfg, stage.name)
     policy = load_trained_lm(cfg, tokenizer, run.weights_dtype)
     disable_dropout(policy)
-    sharing = plan_base_sharing(cfg, stage.name, run.sharded) if cfg.use_lora and stage.share_base(cfg) else None
+    sharing = (plan_base_sharing(cfg, stage.name, run.sharded, stage.has_critic(cfg))
+               if cfg.use_lora and stage.share_base(cfg) else None)
     if sharing is not None and run.is_main:
         print(sharing.line, file=sys.stderr, flush=True)
     shared_rm = sharing is not None and sharing.reward_model

@@ -39,11 +39,12 @@ from ..config import AlignError, TRPOConfig
 from ..data import split_evenly
 from ..fisher import GaussNewtonFisher
 from ..losses import POLICY_LOSSES, aggregate_count, categorical_kl, value_loss
+from ..models import adapter_parameters
 from ..optim_math import (LineSearchResult, backtracking_line_search, conjugate_gradient, flat_grad,
                           hessian_vector_product, max_step_size)
 from ..rollout import Rollout, logprobs_from_selected, scatter_tokens, sequence_inputs
 from .critic import PolicyAndValue, policy_of
-from .rl import RLSetup, RLStage, check_pg_config, pg_module, psi_rollout, run_rl_stage
+from .rl import RLSetup, RLStage, check_pg_config, pg_has_critic, pg_module, psi_rollout, run_rl_stage
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -63,7 +64,16 @@ def surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, agg: st
 
 
 def trainable(lm: nn.Module) -> list[nn.Parameter]:
-    return [p for p in lm.parameters() if p.requires_grad]
+    """The policy's trainable parameters: with one base (`share_base`), not those of adapters that are not the
+    policy's (a critic's adapter on the policy's base weights is trained by the critic's fit)."""
+    model = getattr(lm, "model", lm)
+    others: set[int] = set()
+    if getattr(model, "peft_config", None):
+        active = set(model.active_adapters)
+        for name in model.peft_config:
+            if name not in active:
+                others |= {id(p) for p in adapter_parameters(model, name)}
+    return [p for p in lm.parameters() if p.requires_grad and id(p) not in others]
 
 
 @contextlib.contextmanager
@@ -328,8 +338,10 @@ class TRPOStep:
                                        num_items=max(n_tok, 1.0))
                 run.backward(vl)
                 total += float(vl.detach())
+            critic_ids = {id(p) for p in critic_params}  # with one base, the critic's adapter is on the policy
             for p in net.policy.parameters():
-                p.grad = None
+                if id(p) not in critic_ids:
+                    p.grad = None
             # the unwrapped module has no DDP hooks: its gradients are summed over processes here
             run.optimizer_step(schedule=False, params=critic_params, sum_grads=True)
             losses.append(run.reduce_sum([total])[0])
@@ -346,7 +358,7 @@ def check_trpo_config(cfg: TRPOConfig) -> None:
                              f"recipes/accelerate/ddp.yaml or cpu2.yaml, or use use_lora to make the policy small)")
 
 
-TRPO = RLStage("trpo", TRPOStep, check=check_trpo_config, module=pg_module)
+TRPO = RLStage("trpo", TRPOStep, check=check_trpo_config, module=pg_module, has_critic=pg_has_critic)
 
 
 def train_trpo(cfg: TRPOConfig) -> dict[str, float]:
