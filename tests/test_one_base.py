@@ -98,6 +98,19 @@ def saved(out: str) -> dict[str, torch.Tensor]:
     return w
 
 
+def shared_and_separate(stage: str, model: str, prompts: str, tmp_path, capsys, args: list[str],
+                        line: str) -> dict[str, str]:
+    """Runs `stage` with share_base (its log must say `line`) and with separate copies: {"one", "sep"} -> out."""
+    outs = {}
+    for name, extra in (("one", []), ("sep", ["--share_base", "false"])):
+        outs[name] = str(tmp_path / name)
+        assert main([stage, "--model", model, "--train_data", prompts, "--output_dir", outs[name], *args,
+                     *extra]) == 0
+        err = capsys.readouterr().err
+        assert (line in err) if name == "one" else ("one copy of the base weights" not in err), (name, err)
+    return outs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (a) the same step as separate copies
 
@@ -381,17 +394,9 @@ def test_group_stage_reward_model_adapter_on_the_policy_base_equals_a_separate_c
     args = ["--disable_tqdm", "true", "--seed", "3", "--max_new_tokens", "4", "--max_length", "32",
             "--learning_rate", "1e-3", "--use_lora", "true", "--lora_r", "4", "--num_generations", "2",
             "--per_device_train_batch_size", "4", "--beta", "0.04", "--max_steps", "2", "--reward_model", rm_adapter]
-    outs = {}
-    for name, extra in (("one", []), ("sep", ["--share_base", "false"])):
-        outs[name] = str(tmp_path / name)
-        assert main([stage, "--model", tiny_model_dir, "--train_data", data["prompts"], "--output_dir", outs[name],
-                     *args, *extra]) == 0
-        err = capsys.readouterr().err
-        if name == "one":
-            assert (f"{stage}: one copy of the base weights for the policy, the reference and the reward model "
-                    "(adapter 'reward')") in err
-        else:
-            assert "one copy of the base weights" not in err
+    outs = shared_and_separate(stage, tiny_model_dir, data["prompts"], tmp_path, capsys, args,
+                               f"{stage}: one copy of the base weights for the policy, the reference and the reward "
+                               "model (adapter 'reward')")
     assert len(rewards) == 4 and rewards[0].abs().max() > 0  # the reward model really scored
     for a, b in zip(rewards[:2], rewards[2:]):
         torch.testing.assert_close(a, b, atol=TOL, rtol=0)
@@ -424,17 +429,9 @@ def test_policy_gradient_critic_and_reward_model_on_the_policy_base_equal_separa
             "--beta", "0.04", "--max_steps", "2", "--reward_model", rm_adapter, "--psi", "gae"]
     if stage == "trpo":
         args += ["--vf_iters", "2", "--max_kl", "0.05"]
-    outs = {}
-    for name, extra in (("one", []), ("sep", ["--share_base", "false"])):
-        outs[name] = str(tmp_path / name)
-        assert main([stage, "--model", tiny_model_dir, "--train_data", data["prompts"], "--output_dir", outs[name],
-                     *args, *extra]) == 0
-        err = capsys.readouterr().err
-        if name == "one":
-            assert (f"{stage}: one copy of the base weights for the policy, the reference, the reward model "
-                    f"(adapter 'reward') and the critic (adapter 'critic')") in err, err
-        else:
-            assert "one copy of the base weights" not in err
+    outs = shared_and_separate(stage, tiny_model_dir, data["prompts"], tmp_path, capsys, args,
+                               f"{stage}: one copy of the base weights for the policy, the reference, the reward "
+                               "model (adapter 'reward') and the critic (adapter 'critic')")
     assert len(seen) == 4 and seen[0][0].abs().max() > 0 and seen[0][1].abs().max() > 0
     for (ra, va), (rb, vb) in zip(seen[:2], seen[2:]):
         torch.testing.assert_close(ra, rb, atol=TOL, rtol=0)
