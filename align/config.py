@@ -354,6 +354,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # reinforcement learning stages
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+FROZEN_DTYPE_HELP = ("dtype of the models that are never trained here (a reference or reward model of their own): "
+                     "auto (bf16 where dtype gives bf16 autocast, i.e. on capable GPUs; else the trained weights' "
+                     "dtype), float32, bfloat16 or float16. bfloat16 on a CPU with native bf16 (AVX512-BF16 or AMX) "
+                     "halves their memory and time; their log-probs and scores then carry bf16 rounding.")
+
+
 @dataclass
 class RLConfig(BaseConfig):
     """Fields shared by the RL stages (PPO, GRPO, ...): sampling, reward sources, reference model, KL penalty.
@@ -390,12 +397,7 @@ class RLConfig(BaseConfig):
                                 "and the critic's source are model itself or LoRA adapters trained on it (`align "
                                 "rm --use_lora`); the others keep separate copies (one log line says which). Not "
                                 "for a reward model that trains (GRPO's rm_update). false: separate copies.")
-    frozen_dtype: str = _f("auto", "dtype of the models that are never trained here (a reference or reward model "
-                                   "of their own): auto (bf16 where dtype gives bf16 autocast, i.e. on capable GPUs; "
-                                   "else the trained weights' dtype), float32, bfloat16 or float16. bfloat16 on a "
-                                   "CPU with native bf16 (AVX512-BF16 or AMX) halves their memory and time; the KL "
-                                   "and reward then carry bf16 rounding (about 1e-2 per token).",
-                           choices=("auto", "float32", "bfloat16", "float16"))
+    frozen_dtype: str = _f("auto", FROZEN_DTYPE_HELP, choices=DTYPE_CHOICES)
     beta: float = _f(0.05, "KL penalty coefficient (TRL's PPO calls it kl_coef); 0 disables the penalty.", ge=0)
     kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log-ratio, unbiased), k2 (half squared "
                                  "log-ratio), k3 (r - 1 - log r, unbiased and >= 0).", choices=("k1", "k2", "k3"))
@@ -611,6 +613,9 @@ class DPOConfig(ComparisonConfig):
                                      "simpo and orpo are always reference-free.")
     ref_model: str = _f("", "Frozen reference policy (default: model). With use_lora the reference is model with "
                             "the adapter disabled: no second copy of the weights.")
+    frozen_dtype: str = _f("auto", FROZEN_DTYPE_HELP + " Here: a reference loaded beside the policy (ref_model, or "
+                                   "precompute_ref_log_probs false); the cache of the default reference is computed "
+                                   "by the policy itself.", choices=DTYPE_CHOICES)
     precompute_ref_log_probs: bool = _f(True, "Compute the reference's log-probabilities of the training data once "
                                               "before training and cache them in output_dir (an epoch then costs "
                                               "one policy forward/backward per comparison).")

@@ -226,6 +226,12 @@ def test_dpo_first_step_cached_reference_and_live_reference(tiny_model_dir, file
     assert not os.path.exists(os.path.join(live, "ref_log_probs.safetensors"))
     assert max_diff(weights(cached), weights(live)) < 1e-6
     assert max_diff(weights(cached), load_file(os.path.join(tiny_model_dir, "model.safetensors"))) > 1e-4
+    # the live reference in bf16 (frozen_dtype): the same training up to bf16 rounding of its log-probs
+    bf16 = dpo(tiny_model_dir, files, tmp_path / "bf16", "--max_steps", "2", "--per_device_train_batch_size", "4",
+               "--precompute_ref_log_probs", "false", "--frozen_dtype", "bfloat16")
+    first = read_metrics(bf16)[0]["loss"]  # log 2 up to the bf16 reference's rounding
+    assert first != pytest.approx(math.log(2), abs=1e-6) and first == pytest.approx(math.log(2), abs=1e-3)
+    assert 0 < max_diff(weights(live), weights(bf16)) < 1e-3
 
 
 def test_accumulation_and_separate_sequences_give_the_same_update(tiny_model_dir, files, tmp_path):
