@@ -43,19 +43,28 @@ def seed_everything(seed: int) -> None:
 
 
 HEAP_MMAP_THRESHOLD = 4 << 20
+HEAP_MIN_WIDTH = 512  # hidden size from which the fixed threshold is set without being asked
 
 
-def keep_heap_compact() -> int:
-    """On glibc, serve every allocation of at least 4 MiB by mmap, so it goes back to the system when freed;
-    returns the threshold set (0: nothing done).
+def model_width(module: nn.Module) -> int:
+    """The largest hidden size of the Hugging Face models inside `module` (0 when none says)."""
+    sizes = [getattr(getattr(m, "config", None), "hidden_size", 0) for m in module.modules()]
+    return max([s for s in sizes if isinstance(s, int)] + [0])
+
+
+def keep_heap_compact(width: int) -> int:
+    """On glibc, serve every allocation of at least 4 MiB by mmap, so it goes back to the system when freed, for
+    models of hidden size >= 512 (`width`); returns the threshold set (0: nothing done).
 
     glibc's own threshold is dynamic: it starts at 128 KiB and rises to the size of each mmapped block that is
     freed (up to 32 MiB), so after the first step's activations are freed, the next steps' tensors of a few MB
     come from the heap, where a freed block below a live one is never returned: RSS then keeps the high-water mark
-    of every allocation pattern of the run (the LoRA PPO step of bench_real at the SmolLM2 shape: 3.8 GiB, 3.3
-    with this, the same time). Blocks under 4 MiB stay on the heap: an mmap for each costs a page fault per page
-    (a 1 MiB threshold gave 2.3 GiB at 1.4x the training time). Left alone when MALLOC_MMAP_THRESHOLD_ is in
-    the environment (glibc read it at start) or ALIGN_MMAP_THRESHOLD=0; ALIGN_MMAP_THRESHOLD=N sets N bytes."""
+    of every allocation pattern of the run (the LoRA PPO step of bench_real at the SmolLM2 shape, hidden 576:
+    3.8 GiB, 3.3 with this, the same time). The price is fresh pages (a page fault each) for every such tensor:
+    small next to the matrix products that make a tensor of a wide model, not for narrow ones (hidden 128: SFT
+    and PPO steps 1.2-1.3x slower, hence the width). Blocks under 4 MiB stay on the heap (a 1 MiB threshold gave
+    2.3 GiB at 1.4x the training time at the SmolLM2 shape). ALIGN_MMAP_THRESHOLD=N sets N bytes at any width
+    (0: glibc's default); a MALLOC_MMAP_THRESHOLD_ in the environment (glibc read it at start) is left alone."""
     import ctypes
     import platform
 
@@ -64,7 +73,7 @@ def keep_heap_compact() -> int:
         return 0
     raw = os.environ.get("ALIGN_MMAP_THRESHOLD", "").strip()
     try:
-        threshold = int(raw) if raw else HEAP_MMAP_THRESHOLD
+        threshold = int(raw) if raw else (HEAP_MMAP_THRESHOLD if width >= HEAP_MIN_WIDTH else 0)
     except ValueError:
         raise AlignError(f"ALIGN_MMAP_THRESHOLD={raw!r}: expected a number of bytes (0: glibc's default)") from None
     if threshold <= 0:
@@ -149,7 +158,6 @@ class Run:
         self.stage = stage
         if getattr(cfg, "num_threads", 0) > 0:
             torch.set_num_threads(cfg.num_threads)
-        keep_heap_compact()
         self.weights_dtype, mixed = resolve_dtype(cfg.dtype)
         # report_to and push_to_hub are checked here, before any model is loaded or anything is written
         self.trackers = resolve_trackers(cfg.report_to)
@@ -175,6 +183,7 @@ class Run:
         Returns the prepared module (call it for forwards; `unwrap()` gives the original)."""
         cfg = self.cfg
         self.max_steps = max_steps
+        keep_heap_compact(model_width(model))
         optimizer = make_optimizer(list(model.named_parameters()), cfg, lr)
         warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * max_steps)
         # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once per
