@@ -86,6 +86,9 @@ class Checked:
             raise AlignError("\n".join(problems))
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # the `dtype` names of every config
+
+
 @dataclass
 class BaseConfig(Checked):
     """Fields shared by every training stage (names follow Hugging Face `TrainingArguments`)."""
@@ -124,7 +127,7 @@ class BaseConfig(Checked):
     max_length: int = _f(512, "Maximum tokens of one training sequence; longer examples are an error.", ge=2)
     dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 autocast on GPUs that support it), "
                             "float32, bfloat16 or float16.",
-                    choices=("auto", "float32", "bfloat16", "float16"))
+                    choices=DTYPE_CHOICES)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (slower).")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (off: safer).")
     use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
@@ -288,8 +291,9 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 # `align <stage> --help` groups: field name -> topic; a stage's own fields form a group of their own
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "ref_model", "reward_model", "value_model", "dtype", "frozen_dtype", "trust_remote_code", "use_lora", "lora_r",
-              "lora_alpha", "lora_dropout", "lora_target_modules", "share_base", "gradient_checkpointing"),
+    "model": ("model", "ref_model", "reward_model", "value_model", "dtype", "frozen_dtype", "trust_remote_code",
+              "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "share_base",
+              "gradient_checkpointing"),
     "data": ("train_data", "eval_data", "train_split", "eval_split", "column_map", "max_length", "eval_max_samples"),
     "optimisation": ("max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
@@ -354,7 +358,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # reinforcement learning stages
 
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 FROZEN_DTYPE_HELP = ("dtype of the models that are never trained here (a reference or reward model of their own): "
                      "auto (bf16 where dtype gives bf16 autocast, i.e. on capable GPUs; else the trained weights' "
                      "dtype), float32, bfloat16 or float16. bfloat16 on a CPU with native bf16 (AVX512-BF16 or AMX) "

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import Checked, _f
+from .config import DTYPE_CHOICES, Checked, _f
 from .data import Rows, batched, encode_prompt, left_pad, prompt_columns, read_rows, write_atomic
 from .rewards import load_function, score_completions, source_name
 
@@ -41,7 +41,7 @@ class EvalConfig(Checked):
     batch_size: int = _f(64, "Prompts per generation batch.", ge=1)
     max_samples: int = _f(0, "Evaluate only the first N prompts (0: all).", ge=0)
     seed: int = _f(0, "Seed for sampling.", ge=0)
-    dtype: str = _f("auto", "auto, float32, bfloat16 or float16.", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "auto, float32, bfloat16 or float16.", choices=DTYPE_CHOICES)
     trust_remote_code: bool = _f(False, "Allow model code from the hub to run.")
     save_completions: bool = _f(False, "Include every prompt, completion and reward in the output JSON.")
 

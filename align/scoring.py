@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import AlignError, Checked, _f
+from .config import DTYPE_CHOICES, AlignError, Checked, _f
 from .data import (Rows, batched, encode_completion, encode_prompt, is_chat, left_pad, read_rows, require_text,
                    short_repr, write_atomic)
 from .heads import SharedScalarModel, add_scalar_adapter, load_scalar_model, sequence_scores
@@ -170,7 +170,7 @@ class ScoreConfig(Checked):
     batch_size: int = _f(32, "Sequences per forward pass.", ge=1)
     max_length: int = _f(0, "If > 0, score only the last max_length tokens of longer sequences.", ge=0)
     dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on capable GPUs), float32, bfloat16 or float16.",
-                    choices=("auto", "float32", "bfloat16", "float16"))
+                    choices=DTYPE_CHOICES)
     device: str = _f("", "Device (cpu, cuda, cuda:1); default: a GPU when there is one.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub to run.")
 

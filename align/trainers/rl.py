@@ -111,7 +111,8 @@ class Reference:
         ref_model (default: model) loaded frozen, placed per the strategy (`Run.shard_frozen`)."""
         if cfg.use_lora and (not cfg.ref_model or same_model(cfg.ref_model, cfg.model)):
             return cls(None, adapter_host=policy, gather=run.full_weights)
-        model = load_causal_lm(cfg.ref_model or cfg.model, dtype=frozen_dtype(cfg.dtype, run.device, cfg.frozen_dtype),
+        model = load_causal_lm(cfg.ref_model or cfg.model,
+                               dtype=frozen_dtype(cfg.dtype, run.device, cfg.frozen_dtype),
                                trust_remote_code=cfg.trust_remote_code, device=run.device)
         sync_special_tokens(model, tokenizer)
         model.eval().requires_grad_(False)

@@ -322,6 +322,7 @@ class TRPOStep:
         cfg, run = self.cfg, self.run
         net: PolicyAndValue = run.unwrap()
         critic_params = net.critic_parameters()
+        critic_ids = {id(p) for p in critic_params}  # with one base, the critic's adapter is on the policy
         (n_tok,) = run.reduce_sum([float(r.completion_mask.sum())])
         losses = []
         net.train()
@@ -338,7 +339,6 @@ class TRPOStep:
                                        num_items=max(n_tok, 1.0))
                 run.backward(vl)
                 total += float(vl.detach())
-            critic_ids = {id(p) for p in critic_params}  # with one base, the critic's adapter is on the policy
             for p in net.policy.parameters():
                 if id(p) not in critic_ids:
                     p.grad = None
