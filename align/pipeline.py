@@ -14,6 +14,7 @@ curves.png plots reward (proxy and gold), KL and accuracy over the steps of each
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -105,8 +106,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.rm:
         configs["rm"] = stage_config("rm", cfg.rm, {"model": dirs["sft"], "output_dir": dirs["rm"],
                                                     "overwrite_output_dir": True}, cfg.overrides.get("rm"))
+    defaults = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}
     for s in cfg.rl_stages:
         recipe = getattr(cfg, s)
+        if recipe == defaults[s] and os.path.dirname(cfg.sft) != os.path.dirname(recipe):
+            # a stage added to rl_stages without its recipe would train the built-in task's recipe on this model
+            raise AlignError(f"rl_stages has {s} but no {s} recipe is set: the default {recipe} is for the "
+                             f"built-in tiny task, not the recipes of sft ({cfg.sft}); set {s}: to a recipe")
         probe = read_yaml(recipe)
         links = {"model": dirs["sft"], "output_dir": dirs[s], "overwrite_output_dir": True}
         if probe.get("reward_model"):

@@ -48,3 +48,20 @@ def test_short_pipeline_runs_every_stage_and_reports(tmp_path, monkeypatch):
     short["overwrite_output_dir"] = False
     path.write_text(yaml.safe_dump(short))
     assert main(["pipeline", "--config", str(path)]) == 2
+
+
+def test_an_rl_stage_without_its_recipe_is_refused_when_the_pipeline_uses_other_recipes(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A stage added to rl_stages of a real-model pipeline that names no recipe for it would train the built-in
+    tiny task's recipe (other data, other hyperparameters) on the user's model: refused before anything runs."""
+    monkeypatch.chdir(ROOT)
+    pipe = {"output_dir": str(tmp_path / "run"), "base_model": str(tmp_path / "some-model"),
+            "sft": "recipes/smollm2-135m/sft.yaml", "rm": "recipes/smollm2-135m/rm.yaml",
+            "ppo": "recipes/smollm2-135m/ppo.yaml", "rl_stages": ["ppo", "trpo"],
+            "eval_data": "data/addition/eval.jsonl"}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipe))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rl_stages has trpo but no trpo recipe is set: the default recipes/tiny/trpo.yaml" in err, err
+    assert not (tmp_path / "run").exists()

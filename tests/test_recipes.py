@@ -20,7 +20,7 @@ from conftest import write_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "llama", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2"}
 FAMILIES = ["smollm2-135m", "smollm2-135m-lora", "qwen2.5-0.5b"]
-ORDER = {"sft": 0, "rm": 1, "ppo": 2, "grpo": 3, "trpo": 4, "reinforce": 5}  # stage recipes, in the order they run
+ORDER = {"sft": 0, "rm": 1, "ppo": 2, "grpo": 3, "trpo": 4, "reinforce": 5, "online_dpo": 6, "dpo": 7}  # stage recipes, in the order they run
 PIPELINES = {"smollm2-135m": "pipeline.yaml"}  # run by test_real_model_pipeline_runs_two_steps_per_stage_...
 
 
@@ -62,7 +62,7 @@ def short_overrides(stage: str, cfg: dict, tmp_path, tag: str = "") -> dict:
     over["train_data"] = local_dataset(cfg["train_data"], tmp_path / f"{tag}{stage}-train.jsonl")
     if cfg.get("eval_data"):
         over["eval_data"] = local_dataset(cfg["eval_data"], tmp_path / f"{tag}{stage}-eval.jsonl")
-    if stage in ("ppo", "grpo", "trpo", "reinforce"):
+    if stage in ("ppo", "grpo", "trpo", "reinforce", "online_dpo"):
         over.update(RL_SHORT)
         if stage == "grpo":
             over["per_device_train_batch_size"] = 2 * cfg.get("num_generations", 2)
@@ -148,23 +148,26 @@ def test_real_model_recipes_run_two_steps_on_tiny_stand_ins(family, tmp_path, mo
 def test_real_model_pipeline_runs_two_steps_per_stage_on_tiny_stand_ins(tmp_path, monkeypatch):
     """recipes/smollm2-135m/pipeline.yaml through `align pipeline`: its own stage recipes, hub model and data swapped
     for local stand-ins through the pipeline's base_model, eval_data and per-stage overrides, two steps per stage;
-    GRPO (the one-line swap) runs after PPO from the same SFT model and reward model."""
+    every RL stage (GRPO, the one-line swap, and the others) runs after PPO from the same SFT model (and reward
+    model)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     monkeypatch.chdir(ROOT)
     family = "smollm2-135m"
     with open(os.path.join(ROOT, "recipes", family, PIPELINES[family])) as fh:
         pipe = yaml.safe_load(fh)
-    recipes = {s: read_yaml(pipe[s]) for s in ("sft", "rm", "ppo", "grpo")}
-    # the pipeline is the family's stage recipes, chained as they are when run one by one
+    recipes = {s: read_yaml(pipe[s]) for s in ("sft", "rm", *RL_STAGES)}
+    # the pipeline is the family's stage recipes (one for every RL stage, so that a stage added to rl_stages
+    # never falls back to the tiny task's), chained as they are when run one by one
     assert pipe["rl_stages"] == ["ppo"]
     assert pipe["base_model"] == recipes["sft"]["model"]
     for s, cfg in recipes.items():
         assert pipe[s] == f"recipes/{family}/{s}.yaml"
         assert cfg["output_dir"] == f"{pipe['output_dir']}/{s}"
-    for s in ("ppo", "grpo"):
-        assert recipes[s]["reward_model"] == recipes["rm"]["output_dir"]
+    for s in RL_STAGES:
         assert recipes[s]["model"] == recipes["rm"]["model"] == recipes["sft"]["output_dir"]
+        if s != "dpo":
+            assert recipes[s]["reward_model"] == recipes["rm"]["output_dir"]
 
     # the held-out file as recipes/smollm2-135m/tldr_eval.py writes it, from a stand-in for trl-lib/tldr
     from importlib.util import module_from_spec, spec_from_file_location
@@ -178,27 +181,32 @@ def test_real_model_pipeline_runs_two_steps_per_stage_on_tiny_stand_ins(tmp_path
 
     run = tmp_path / "run"
     short = dict(pipe, base_model=hub_stand_in(pipe["base_model"], tmp_path), output_dir=str(run),
-                 eval_data=eval_file, eval_max_new_tokens=6, rl_stages=["ppo", "grpo"], num_threads=1,
+                 eval_data=eval_file, eval_max_new_tokens=6, rl_stages=list(RL_STAGES), num_threads=1,
                  overrides={s: short_overrides(s, cfg, tmp_path, "pipe-") for s, cfg in recipes.items()})
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(short))
     assert main(["pipeline", "--config", str(path)]) == 0
 
     report = json.loads((run / "report.json").read_text())
-    assert list(report["stages"]) == ["base", "sft", "rm", "ppo", "grpo"]
-    for s in ("base", "sft", "ppo", "grpo"):
+    assert list(report["stages"]) == ["base", "sft", "rm", *RL_STAGES]
+    for s in ("base", "sft", *RL_STAGES):
         assert 0.0 <= report["stages"][s]["accuracy"] <= 1.0 and report["stages"][s]["num_samples"] == 8
-    for s in ("ppo", "grpo"):
-        assert report["stages"][s]["steps"] == 2 and report["stages"][s]["final_kl"] is not None
-    for s in ("sft", "rm", "ppo", "grpo"):
+    for s in RL_STAGES:
+        assert report["stages"][s]["steps"] == 2
+        if s != "dpo":
+            assert report["stages"][s]["final_kl"] is not None
+    for s in ("sft", "rm", *RL_STAGES):
         assert os.path.isfile(run / s / "metrics.jsonl") and os.path.isfile(run / s / "model.safetensors")
-    for s in ("sft", "ppo", "grpo"):
+    for s in ("sft", *RL_STAGES):
         AutoModelForCausalLM.from_pretrained(run / s)
     AutoModelForSequenceClassification.from_pretrained(run / "rm")
     AutoModelForSequenceClassification.from_pretrained(run / "ppo" / "value_model")
     # each RL stage started from this run's SFT model against its reward model, with its recipe's own settings
-    for s in ("ppo", "grpo"):
+    for s in RL_STAGES:
         used = json.loads((run / s / f"{s}_config.json").read_text())
-        assert used["model"] == str(run / "sft") and used["reward_model"] == str(run / "rm")
-        assert used["learning_rate"] == recipes[s]["learning_rate"] and used["beta"] == recipes[s]["beta"]
+        assert used["model"] == str(run / "sft")
+        assert used.get("reward_model", "") == ("" if s == "dpo" else str(run / "rm"))
+        for key in ("learning_rate", "beta", "num_generations", "loss_type", "psi"):
+            if key in recipes[s]:
+                assert used[key] == recipes[s][key], (s, key)
     assert json.loads((run / "ppo" / "ppo_config.json").read_text())["value_model"] == str(run / "rm")
