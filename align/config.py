@@ -575,7 +575,8 @@ class GRPOConfig(RLConfig):
                             choices=("group", "batch", "none"))
     softmax_beta: float = _f(1.0, "Temperature beta of advantage=softmax (larger: sharper weight on the best).", gt=0)
     ref_update_every: int = _f(0, "Iterative GRPO: every N steps the reference becomes the current policy "
-                                  "(needs beta > 0); 0 never.", ge=0)
+                                  "(needs beta > 0; with use_lora a frozen copy of its adapter on the same base "
+                                  "weights); 0 never.", ge=0)
     rm_update: bool = _f(False, "Iterative GRPO: keep training reward_model during RL on comparisons made from "
                                 "each group (completions that rm_label_funcs rank apart), one AdamW step per "
                                 "RL step; the trained model is saved in output_dir/reward_model.")

@@ -307,6 +307,51 @@ def test_the_stage_prefills_each_prompt_once_and_matches_repeated_prompts(tiny_m
     torch.testing.assert_close(s1.logprobs, s2.logprobs, atol=2e-5, rtol=0)
 
 
+def test_lora_reference_reset_is_a_frozen_adapter_copy_on_the_one_base(tiny_model_dir, files, tmp_path,
+                                                                         monkeypatch):
+    """Iterative GRPO with LoRA: a reset copies the policy's adapter into a frozen 'reference' adapter on the same
+    base (no merged full copy of the model is made); the run equals the merged-copy reference (the way a reset
+    works without a shared base) up to float rounding, saves the policy's adapter alone and resumes exactly."""
+    import align.trainers.iterative as I
+
+    made = []
+    real_merged = I.merged_copy
+    monkeypatch.setattr(I, "merged_copy", lambda *a: made.append(1) or real_merged(*a))
+    common = ("--max_steps", "4", "--reward_funcs", fn(files, "ordsum"), "--beta", "0.1", "--ref_update_every", "2",
+              "--learning_rate", "3e-2", "--use_lora", "true", "--lora_r", "4", "--save_steps", "3")
+    out = grpo(tiny_model_dir, files, tmp_path / "adapter", *common)
+    assert made == []
+    rows = read_metrics(out)
+    assert [r["ref_updated"] for r in rows] == [0.0, 0.0, 1.0, 0.0]
+    assert rows[2]["kl"] < 1e-6 and rows[3]["kl"] > 1e-4  # step 3 samples from the reference itself
+    assert sorted(f for f in os.listdir(out) if os.path.isdir(os.path.join(out, f))) == ["checkpoints"]
+    assert not any("reference" in k for k in load_file(os.path.join(out, "adapter_model.safetensors")))
+
+    # the same run with the reference reset to a merged full copy of the policy (the keeper without a host)
+    init = I.ReferenceKeeper.__init__
+
+    def merged_keeper(self, *a, **kw):
+        init(self, *a, **kw)
+        self.host = None
+
+    with monkeypatch.context() as m:
+        m.setattr(I.ReferenceKeeper, "__init__", merged_keeper)
+        ref = grpo(tiny_model_dir, files, tmp_path / "merged", *common)
+    assert made == [1]
+    for a, b in zip(rows, read_metrics(ref)):
+        for k in ("kl", "loss", "reward"):
+            assert abs(a[k] - b[k]) <= 1e-5 + 1e-4 * abs(b[k]), (a["step"], k, a[k], b[k])
+    wa = load_file(os.path.join(out, "adapter_model.safetensors"))
+    wb = load_file(os.path.join(ref, "adapter_model.safetensors"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+    # resumed from step 3 (after the reset): the same run, bit for bit
+    grpo(tiny_model_dir, files, out, *common, "--resume_from_checkpoint", "latest")
+    assert [r["kl"] for r in read_metrics(out)] == [r["kl"] for r in rows]
+    wr = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert all(torch.equal(wa[k], wr[k]) for k in wa)
+
+
 def test_iterative_grpo_with_reward_model_replay_resumes_exactly(tiny_model_dir, tiny_rm_dir, files, tmp_path):
     common = ("--max_steps", "4", "--save_steps", "3", "--reward_model", tiny_rm_dir, "--reward_funcs",
               fn(files, "ordsum"), "--reward_weights", "1.0,0.5", "--gold_reward_funcs", "exact_match",

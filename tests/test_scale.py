@@ -64,6 +64,11 @@ def stages(model: str, rm: str, data: dict, processes: int) -> dict[str, list[st
                            "--num_generations", "2", "--per_device_train_batch_size", "4", *acc(1), "--beta", "0.04",
                            "--ref_update_every", "1", "--rm_update", "true", "--rm_label_funcs", "exact_match",
                            "--rm_replay_data", data["prefs"], "--rm_replay_ratio", "0.5", *RL, *COMMON],
+        # LoRA: the reference is the policy's base, reset to a frozen copy of its adapter (sharded under FSDP2)
+        "grpo_iterative_lora": ["grpo", "--model", model, "--train_data", data["prompts"], "--reward_funcs",
+                                data["reward"], "--num_generations", "2", "--per_device_train_batch_size", "4",
+                                *acc(1), "--beta", "0.1", "--ref_update_every", "1", "--use_lora", "true",
+                                "--lora_r", "4", *RL, *COMMON, "--max_steps", "3", "--learning_rate", "3e-2"],
         "reinforce": ["reinforce", "--model", model, "--train_data", data["prompts"], "--reward_funcs",
                       data["reward"], "--num_generations", "2", "--per_device_train_batch_size", str(2 * x),
                       *acc(1), "--beta", "0.1", *RL, *COMMON],
@@ -93,6 +98,8 @@ def launch(kind: str, jobs: list[list[str]], tmp_path, port: int) -> None:
 
 def saved(out: str) -> dict:
     """The final weights of a run: the model, and a separate critic or a reward model trained beside it."""
+    if os.path.isfile(os.path.join(out, "adapter_model.safetensors")):  # a LoRA run: its adapter
+        return {f"adapter.{k}": v for k, v in load_file(os.path.join(out, "adapter_model.safetensors")).items()}
     w = {f"model.{k}": v for k, v in load_file(os.path.join(out, "model.safetensors")).items()}
     for sub in ("value_model", "reward_model"):
         f = os.path.join(out, sub, "model.safetensors")
@@ -115,11 +122,14 @@ def run_all(kind: str, names: list[str], tiny_model_dir, tiny_rm_dir, data, tmp_
         assert main(one[n] + ["--output_dir", str(tmp_path / "one" / n)]) == 0, n
         a, b = saved(str(tmp_path / kind / n)), saved(str(tmp_path / "one" / n))
         assert max_diff(a, b) < 1e-5, (n, max_diff(a, b))
-        moved = {k: v for k, v in a.items() if k in start}
-        assert max((moved[k] - start[k]).abs().max().item() for k in moved) > 1e-4, n  # training moved it
+        moved = {k: v - start[k] for k, v in a.items() if k in start}
+        if not moved:  # an adapter: its B matrices start at zero
+            moved = {k: v for k, v in a.items() if "lora_B" in k}
+        assert max(d.abs().max().item() for d in moved.values()) > 1e-4, n  # training moved it
 
 
-ALL = ["sft", "rm", "dpo", "ppo", "grpo", "grpo_iterative", "reinforce", "trpo", "online_dpo"]
+ALL = ["sft", "rm", "dpo", "ppo", "grpo", "grpo_iterative", "grpo_iterative_lora", "reinforce", "trpo",
+       "online_dpo"]
 
 
 @needs_torchrun

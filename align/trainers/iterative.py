@@ -17,7 +17,7 @@ from ..comparisons import Comparison, batch_loss, collate, group_comparisons, to
 from ..config import AlignError
 from ..data import read_rows, split_evenly
 from ..heads import ScalarModel
-from ..models import SelectiveLM, disable_dropout, frozen_dtype, load_tokenizer
+from ..models import SelectiveLM, adapter_parameters, add_adapter, disable_dropout, frozen_dtype, load_tokenizer
 from ..rewards import REWARD_MODEL_NAME, functions, score_completions
 from ..rollout import Rollout, make_generator
 from .loop import Run
@@ -62,13 +62,26 @@ def merged_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
     return snap.to(dtype).eval().requires_grad_(False)
 
 
+REFERENCE_ADAPTER = "reference"
+
+
 class ReferenceKeeper:
     """Makes the reference the current policy every `every` steps (DeepSeekMath Algorithm 1, line 3) and
-    checkpoints its weights once it is no longer the initial model."""
+    checkpoints its weights once it is no longer the initial model.
+
+    A LoRA policy whose reference is its own base with adapters off (one base copy) gets a frozen second adapter,
+    ``reference``, added here before the run wraps the module: a reset copies the policy's adapter weights into it
+    and the reference then computes with it alone. The base is never copied (a full merged copy per run
+    otherwise), the copy is shard-to-shard under FSDP2, and the adapter is saved and restored with the model's
+    weights in every checkpoint."""
 
     def __init__(self, reference: Reference, policy: nn.Module, every: int, dtype: torch.dtype):
         self.reference, self.policy, self.every, self.dtype = reference, policy, every, dtype
         self.replaced = False
+        self.host = reference.adapter_host  # the LoRA policy whose base is the reference's, or None
+        if self.host is not None:
+            add_adapter(self.host, REFERENCE_ADAPTER, copy.deepcopy(self.host.peft_config["default"]),
+                        trainable=False)
 
     def maybe_reset(self, step: int) -> bool:
         if not self.every or step == 0 or step % self.every:
@@ -78,6 +91,17 @@ class ReferenceKeeper:
 
     def reset(self, state: dict[str, Tensor] | None = None) -> None:
         ref = self.reference
+        if self.host is not None:  # the policy's adapter copied into the reference's (a checkpoint restores it)
+            if state is None:
+                # looked up now: FSDP2 replaces the module's parameters by sharded ones when it wraps them
+                pairs = zip(adapter_parameters(self.host, "default"),
+                            adapter_parameters(self.host, REFERENCE_ADAPTER), strict=True)
+                with torch.no_grad():
+                    for src, dst in pairs:
+                        dst.copy_(src)  # FSDP2: each process copies its own shard
+            ref.adapters = [REFERENCE_ADAPTER]
+            self.replaced = True
+            return
         plain = not hasattr(self.policy, "merge_and_unload")
         if state is None and plain and ref.lm is not None and self.replaced:
             ref.lm.model.load_state_dict(full_state_dict(self.policy))  # in place: no new allocation
@@ -91,10 +115,14 @@ class ReferenceKeeper:
     def state_dict(self) -> dict[str, Any]:
         if not self.replaced:
             return {}
+        if self.host is not None:  # the adapter's weights are the trained module's, in the checkpoint's model state
+            return {"adapter": REFERENCE_ADAPTER}
         return {"weights": {k: v.detach().cpu() for k, v in self.reference.lm.model.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("weights") is not None:
+        if state.get("adapter") is not None:
+            self.reset({})
+        elif state.get("weights") is not None:
             self.reset(state["weights"])
 
 

@@ -97,12 +97,14 @@ def load_rl_inputs(cfg, check: Callable[[Any], None]) -> tuple[Any, PromptData, 
 
 class Reference:
     """The frozen reference policy: a separate model, or (LoRA) the trained model with its adapter disabled,
-    which keeps one copy of the base weights."""
+    which keeps one copy of the base weights (after an iterative-GRPO reset: with a frozen copy of the policy's
+    adapter instead, `iterative.ReferenceKeeper`)."""
 
     def __init__(self, lm: SelectiveLM | None, adapter_host: nn.Module | None = None,
                  gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.lm = lm
         self.adapter_host = adapter_host
+        self.adapters: list[str] = []  # the host's adapters the reference computes with (none: the base model)
         self.gather = gather  # makes the reference's weights whole while it is used (sharded under FSDP2)
 
     @classmethod
@@ -127,9 +129,10 @@ class Reference:
             if self.lm is not None:
                 yield self.lm
                 return
-            # every adapter off (the policy's, and a reward model's or critic's on the same base), without peft's
-            # disable_adapter, which would leave only the active adapter trainable on exit
-            with use_adapters(self.adapter_host, []):
+            # every adapter off (the policy's, and a reward model's or critic's on the same base), or only the frozen
+            # copy of the policy's that iterative GRPO resets it to; without peft's disable_adapter, which would
+            # leave only the active adapter trainable on exit
+            with use_adapters(self.adapter_host, self.adapters):
                 yield SelectiveLM(self.adapter_host)
 
 
