@@ -430,11 +430,14 @@ def new_score_head(host: nn.Module, seed: int, dtype: torch.dtype | None = None)
     return head
 
 
-def save_scalar_adapter(model: SharedScalarModel, adapter: str, base: str, out_dir: str) -> None:
+def save_scalar_adapter(model: SharedScalarModel, adapter: str, base: str, out_dir: str,
+                        host_state: dict[str, torch.Tensor] | None = None,
+                        head_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write adapter ``adapter`` of a :class:`SharedScalarModel`'s host and the model's score head into
     ``out_dir`` as a LoRA adapter of a scalar model on ``base``, in the layout `align rm --use_lora` saves (the
     head as peft's ``modules_to_save``): :func:`load_scalar_model`, AutoPeftModelForSequenceClassification and
-    ``align export`` load it."""
+    ``align export`` load it. ``host_state`` / ``head_state``: the host's and the head's whole state dicts
+    when their weights are sharded (FSDP2: gathered by the caller), else they are read from the modules."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -443,8 +446,9 @@ def save_scalar_adapter(model: SharedScalarModel, adapter: str, base: str, out_d
     config.modules_to_save = [SCORE_MODULE]
     config.base_model_name_or_path = base
     config.inference_mode = True
-    state = get_peft_model_state_dict(model.host, adapter_name=adapter, save_embedding_layers=False)
-    state.update({_HEAD_KEY + k: v for k, v in model.score.state_dict().items()})
+    state = get_peft_model_state_dict(model.host, state_dict=host_state, adapter_name=adapter,
+                                      save_embedding_layers=False)
+    state.update({_HEAD_KEY + k: v for k, v in (head_state or model.score.state_dict()).items()})
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, _ADAPTER_WEIGHTS),
               metadata={"format": "pt"})

@@ -29,7 +29,7 @@ RL = ["--max_new_tokens", "4", "--temperature", "1.0"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, diversity_data):
+def data(tmp_path_factory, diversity_data, tiny_model_dir):
     d = tmp_path_factory.mktemp("scale")
     sft = write_jsonl(d / "sft.jsonl", addition_rows(32, seed=11))
     prompts = write_jsonl(d / "rl.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
@@ -37,8 +37,13 @@ def data(tmp_path_factory, diversity_data):
     prefs = write_jsonl(d / "prefs.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
                                               "rejected": str(int(r["answer"]) + 10)}
                                              for r in addition_rows(32, seed=13)])
+    # a LoRA reward model of the tiny model (`align rm --use_lora`): the one-base runs put it on the policy's base
+    rm_lora = str(d / "rm_lora")
+    assert main(["rm", "--model", tiny_model_dir, "--train_data", prefs, "--output_dir", rm_lora, "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--max_length", "32", "--use_lora", "true", "--lora_r", "4",
+                 "--learning_rate", "1e-2", "--disable_tqdm", "true"]) == 0
     # a reward every policy can move (distinct characters), so that group advantages are not all zero
-    return {"sft": sft, "prompts": prompts, "prefs": prefs, "reward": diversity_data[1]}
+    return {"sft": sft, "prompts": prompts, "prefs": prefs, "reward": diversity_data[1], "rm_lora": rm_lora}
 
 
 def stages(model: str, rm: str, data: dict, processes: int) -> dict[str, list[str]]:
@@ -69,6 +74,14 @@ def stages(model: str, rm: str, data: dict, processes: int) -> dict[str, list[st
                                 data["reward"], "--num_generations", "2", "--per_device_train_batch_size", "4",
                                 *acc(1), "--beta", "0.1", "--ref_update_every", "1", "--use_lora", "true",
                                 "--lora_r", "4", *RL, *COMMON, "--max_steps", "3", "--learning_rate", "3e-2"],
+        # LoRA with one copy of the base: reward model and critic are adapters on the policy's base weights
+        "ppo_one_base": ["ppo", "--model", model, "--train_data", data["prompts"], "--reward_model", data["rm_lora"],
+                         "--value_model", data["rm_lora"], "--use_lora", "true", "--lora_r", "4",
+                         "--per_device_train_batch_size", str(4 * x), *acc(1), "--num_mini_batches", "2",
+                         "--num_ppo_epochs", "2", *RL, *COMMON],
+        "grpo_one_base": ["grpo", "--model", model, "--train_data", data["prompts"], "--reward_model",
+                          data["rm_lora"], "--use_lora", "true", "--lora_r", "4", "--num_generations", "2",
+                          "--per_device_train_batch_size", "4", *acc(1), "--beta", "0.04", *RL, *COMMON],
         "reinforce": ["reinforce", "--model", model, "--train_data", data["prompts"], "--reward_funcs",
                       data["reward"], "--num_generations", "2", "--per_device_train_batch_size", str(2 * x),
                       *acc(1), "--beta", "0.1", *RL, *COMMON],
@@ -94,12 +107,18 @@ def launch(kind: str, jobs: list[list[str]], tmp_path, port: int) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     strategy = {"ddp": "DDP", "fsdp": "FSDP2"}[kind]  # what the run reports it used, once per stage
     assert res.stderr.count(f": 2 processes, {strategy}") == len(jobs), res.stderr[-3000:]
+    return res.stderr
 
 
 def saved(out: str) -> dict:
     """The final weights of a run: the model, and a separate critic or a reward model trained beside it."""
-    if os.path.isfile(os.path.join(out, "adapter_model.safetensors")):  # a LoRA run: its adapter
-        return {f"adapter.{k}": v for k, v in load_file(os.path.join(out, "adapter_model.safetensors")).items()}
+    if os.path.isfile(os.path.join(out, "adapter_model.safetensors")):  # a LoRA run: its adapters
+        w = {}
+        for sub in ("", "value_model"):
+            f = os.path.join(out, sub, "adapter_model.safetensors")
+            if os.path.isfile(f):
+                w.update({f"{sub or 'adapter'}.{k}": v for k, v in load_file(f).items()})
+        return w
     w = {f"model.{k}": v for k, v in load_file(os.path.join(out, "model.safetensors")).items()}
     for sub in ("value_model", "reward_model"):
         f = os.path.join(out, sub, "model.safetensors")
@@ -116,7 +135,12 @@ def max_diff(a: dict, b: dict) -> float:
 def run_all(kind: str, names: list[str], tiny_model_dir, tiny_rm_dir, data, tmp_path, port: int):
     one = stages(tiny_model_dir, tiny_rm_dir, data, 1)
     two = stages(tiny_model_dir, tiny_rm_dir, data, 2)
-    launch(kind, [two[n] + ["--output_dir", str(tmp_path / kind / n)] for n in names], tmp_path, port)
+    said = launch(kind, [two[n] + ["--output_dir", str(tmp_path / kind / n)] for n in names], tmp_path, port)
+    for n in names:  # the one-base runs really share the base on 2 processes (else they fall back in one line)
+        if n.endswith("one_base"):
+            models = ("the reference, the reward model (adapter 'reward') and the critic (adapter 'critic')"
+                      if n == "ppo_one_base" else "the reference and the reward model (adapter 'reward')")
+            assert f"{two[n][0]}: one copy of the base weights for the policy, {models}\n" in said, n
     start = {f"model.{k}": v for k, v in load_file(os.path.join(tiny_model_dir, "model.safetensors")).items()}
     for n in names:
         assert main(one[n] + ["--output_dir", str(tmp_path / "one" / n)]) == 0, n
@@ -128,8 +152,8 @@ def run_all(kind: str, names: list[str], tiny_model_dir, tiny_rm_dir, data, tmp_
         assert max(d.abs().max().item() for d in moved.values()) > 1e-4, n  # training moved it
 
 
-ALL = ["sft", "rm", "dpo", "ppo", "grpo", "grpo_iterative", "grpo_iterative_lora", "reinforce", "trpo",
-       "online_dpo"]
+ALL = ["sft", "rm", "dpo", "ppo", "ppo_one_base", "grpo", "grpo_one_base", "grpo_iterative", "grpo_iterative_lora",
+       "reinforce", "trpo", "online_dpo"]
 
 
 @needs_torchrun

@@ -120,13 +120,14 @@ def plan_base_sharing(cfg, stage: str, sharded: bool, has_critic: bool) -> BaseS
     reward model when it is a LoRA adapter of a scalar model trained on ``cfg.model``
     (:func:`align.heads.is_adapter_of`); the critic when its source (:func:`critic_source`) is ``cfg.model``
     itself or such an adapter, and gradient checkpointing is off (its recomputation in the backward pass would
-    run with whichever adapter is active then). Neither under FSDP or DeepSpeed (``sharded``): their
-    wrappers gather a module's weights per forward, and the policy's would be used by several models. The
-    others keep their own copy, as without ``share_base``; ``line`` says which and why."""
+    run with whichever adapter is active then). Neither under DeepSpeed or FSDP1 (``sharded``): their engines
+    gather a module's flat weights once per forward and backward of the whole module, and the policy's would
+    be used by several models. FSDP2 (per-module gathers; the rollout runs inside `Run.full_weights`) and DDP
+    share. The others keep their own copy, as without ``share_base``; ``line`` says which and why."""
     shared, separate = ["the policy", "the reference"], []
     if cfg.ref_model and not same_model(cfg.ref_model, cfg.model):
         shared, separate = ["the policy"], [f"the reference (ref_model {cfg.ref_model} is not model)"]
-    why_all = "the weights are sharded by FSDP/DeepSpeed" if sharded else ""
+    why_all = "the weights are sharded by DeepSpeed or FSDP1" if sharded else ""
     rm = False
     if cfg.reward_model:
         rm = not why_all and is_adapter_of(cfg.reward_model, cfg.model)
@@ -233,7 +234,7 @@ def save_policy_and_critic(run: Run, tokenizer, push: bool = True) -> None:
                 save_model(run, net.policy.model, out_dir, tokenizer, full, "policy.model.", cfg.model)
             if net.shares_base:
                 save_shared_critic(run, net.critic, os.path.join(out_dir, "value_model"), tokenizer,
-                                   critic_source(cfg))
+                                   critic_source(cfg), full)
             elif net.critic is not None:
                 save_model(run, net.critic, os.path.join(out_dir, "value_model"), tokenizer, full, "critic.",
                            critic_source(cfg))
@@ -254,23 +255,29 @@ def _policy_adapter_only(model: nn.Module) -> contextlib.AbstractContextManager:
         else contextlib.nullcontext()
 
 
-def save_shared_critic(run: Run, critic: SharedScalarModel, out_dir: str, tokenizer, base: str) -> None:
+def save_shared_critic(run: Run, critic: SharedScalarModel, out_dir: str, tokenizer, base: str,
+                       full: dict[str, Tensor] | None = None) -> None:
     """On the main process: a one-base critic saved as the separate critic would be, a LoRA adapter of a scalar
     model on ``base`` (the critic's source) with its head, and the tokenizer (:func:`save_scalar_adapter`); with
-    ``merge_lora``, merged into ``base`` instead (a full scalar model)."""
+    ``merge_lora``, merged into ``base`` instead (a full scalar model). ``full``: the gathered state dict of the
+    prepared `PolicyAndValue` when it is sharded (FSDP2)."""
     from ..export import ADAPTER_FILES, merge_saved_adapter
 
+    states = {}
+    if full:  # the host is the policy's model ("policy.model."), the head the critic's ("critic.score.")
+        states = {key: {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+                  for key, prefix in (("host_state", "policy.model."), ("head_state", "critic.score."))}
     try:
         if not run.cfg.merge_lora:
             with files_renamed_into(out_dir) as tmp:  # written whole or not at all
-                save_scalar_adapter(critic, CRITIC_ADAPTER, base, tmp)
+                save_scalar_adapter(critic, CRITIC_ADAPTER, base, tmp, **states)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
             return
         os.makedirs(out_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".adapter-", dir=out_dir)
         try:
-            save_scalar_adapter(critic, CRITIC_ADAPTER, base, tmp)
+            save_scalar_adapter(critic, CRITIC_ADAPTER, base, tmp, **states)
             merged = merge_saved_adapter(tmp, base, tokenizer, run.weights_dtype, run.cfg.trust_remote_code)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

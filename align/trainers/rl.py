@@ -332,7 +332,7 @@ def run_rl_stage(cfg, stage: RLStage) -> dict[str, float]:
     run = Run(cfg, stage.name)
     policy = load_trained_lm(cfg, tokenizer, run.weights_dtype)
     disable_dropout(policy)
-    sharing = (plan_base_sharing(cfg, stage.name, run.sharded, stage.has_critic(cfg))
+    sharing = (plan_base_sharing(cfg, stage.name, run.sharded and not run.fsdp2, stage.has_critic(cfg))  # FSDP2 shares
                if cfg.use_lora and stage.share_base(cfg) else None)
     if sharing is not None and run.is_main:
         print(sharing.line, file=sys.stderr, flush=True)
