@@ -78,6 +78,16 @@ class Rollout:
     def __len__(self) -> int:
         return self.batch_size
 
+    def sequence_lengths(self) -> Tensor:
+        """(B,) long: prompt + completion tokens of each row, the length a forward over it is padded to at
+        least; with ``group_size`` G > 1 every row of a group gets the group's longest (its rows are computed
+        together, the prompt once). The key `Run.shares` orders micro-batches by."""
+        n = self.prompt_mask.sum(-1) + self.lengths
+        g = self.group_size
+        if g > 1 and len(n) % g == 0:
+            n = n.view(-1, g).amax(-1, keepdim=True).expand(-1, g).reshape(-1)
+        return n
+
     def subset(self, index: Sequence[int] | Tensor) -> "Rollout":
         """The rows `index` (a list or 1-D long tensor) of every field, with padding columns that no selected
         row uses removed (left of the prompts, right of the completions)."""

@@ -369,3 +369,75 @@ def test_frozen_models_in_bfloat16(tiny_model_dir, tiny_rm_dir, prompts_file, tm
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r[k]) for r in rows for k in ("reward", "kl", "value_loss"))
     assert abs(rows[0]["kl"]) < 0.02  # the policy is its own reference at step 1, up to bf16 rounding
+
+
+def test_micro_batches_hold_rows_of_similar_length(monkeypatch):
+    """`Run.shares` with lengths: the rows are ordered by length (stable) before they are cut, so a micro-batch
+    is padded to its own longest row; with one chunk nothing is reordered. `Rollout.sequence_lengths` by hand."""
+    from align.trainers.loop import Run
+
+    class One:  # a process of a run of `world` processes; shares() reads nothing else
+        def __init__(self, world, rank):
+            self.world, self.rank = world, rank
+
+    lengths = torch.tensor([5, 1, 4, 1, 3, 9, 2, 2])  # row i has length lengths[i]
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    # by length: rows 1, 3 (1), 6, 7 (2), 4 (3), 2 (4), 0 (5), 5 (9); ties keep their order
+    got = [(i.tolist(), w) for i, w in Run.shares(One(1, 0), rows, 2, lengths)]
+    assert got == [([1, 3, 6, 7], 1.0), ([4, 2, 0, 5], 1.0)]
+    # 2 processes x 2: chunks [1,3] [6,7] [4,2] [0,5]; chunk c to process c % 2
+    assert [i.tolist() for i, _ in Run.shares(One(2, 0), rows, 2, lengths)] == [[1, 3], [4, 2]]
+    assert [i.tolist() for i, _ in Run.shares(One(2, 1), rows, 2, lengths)] == [[6, 7], [0, 5]]
+    # a minibatch (a subset of the rows, in permuted order) is ordered within itself
+    assert [i.tolist() for i, _ in Run.shares(One(1, 0), torch.tensor([5, 0, 6]), 2, lengths)] == [[6, 0], [5]]
+    # one chunk: the rows as given
+    assert [i.tolist() for i, _ in Run.shares(One(1, 0), rows, 1, lengths)] == [rows.tolist()]
+
+    # prompt tokens (mask) + completion tokens; groups of 2 take their longest
+    pm = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    cm = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]])
+    r = Rollout(prompt_ids=pm, prompt_mask=pm, completion_ids=cm, completion_mask=cm,
+                logprobs=torch.zeros(4, 3), eos=torch.zeros(4, dtype=torch.bool))
+    assert r.sequence_lengths().tolist() == [4, 4, 4, 3]
+    r.group_size = 2
+    assert r.sequence_lengths().tolist() == [4, 4, 4, 4]
+
+
+def test_length_ordered_micro_batches_train_as_before_on_less_padding(tiny_model_dir, tiny_rm_dir, tmp_path,
+                                                                       monkeypatch):
+    """Prompts of very different lengths, 2 micro-batches per minibatch: ordering the rows by length gives the
+    same updates as cutting them in sampled order (the same rows' gradients are summed), on fewer padded
+    positions."""
+    from align.trainers import loop
+
+    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
+            for i, r in enumerate(addition_rows(24, seed=5))]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    seen: list[int] = []
+    real_inputs = sequence_inputs
+
+    def counting(prompt_ids, *a):
+        out = real_inputs(prompt_ids, *a)
+        seen.append(out["input_ids"].numel())
+        return out
+
+    import align.trainers.ppo as P
+
+    monkeypatch.setattr(P, "sequence_inputs", counting)
+    common = ("--max_steps", "2", "--reward_model", tiny_rm_dir, "--value_model", tiny_rm_dir,
+              "--num_mini_batches", "1", "--gradient_accumulation_steps", "2",
+              "--per_device_train_batch_size", "8", "--max_length", "128", "--num_ppo_epochs", "2")
+    ordered = ppo(tiny_model_dir, data, tmp_path / "ordered", *common)
+    padded_ordered, seen[:] = sum(seen), []
+    real_shares = loop.Run.shares
+    monkeypatch.setattr(loop.Run, "shares", lambda self, rows, acc, lengths=None: real_shares(self, rows, acc))
+    plain = ppo(tiny_model_dir, data, tmp_path / "plain", *common)
+    padded_plain = sum(seen)
+    assert padded_ordered < 0.9 * padded_plain, (padded_ordered, padded_plain)
+    for sub in ("", "value_model"):
+        a = load_file(os.path.join(ordered, sub, "model.safetensors"))
+        b = load_file(os.path.join(plain, sub, "model.safetensors"))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, sub
+    for ra, rb in zip(read_metrics(ordered), read_metrics(plain)):
+        for k in ("policy_loss", "value_loss", "approx_kl", "grad_norm", "reward", "kl"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k

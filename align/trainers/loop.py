@@ -236,7 +236,8 @@ class Run:
         indices = global_batch_indices(step, num_examples, self.global_batch, self.cfg.seed)
         return indices, split_micro_batches(indices, self.world, self.rank, self.cfg.gradient_accumulation_steps)
 
-    def shares(self, rows: torch.Tensor, accumulation: int) -> list[tuple[torch.Tensor, float]]:
+    def shares(self, rows: torch.Tensor, accumulation: int, lengths: torch.Tensor | None = None
+               ) -> list[tuple[torch.Tensor, float]]:
         """This process's `accumulation` micro-batches of one update over `rows` (global row indices of a batch
         every process holds, the same list on each), as (indices, weight) pairs.
 
@@ -244,7 +245,14 @@ class Run:
         c % processes (as `micro_batches` does for data), so one process with N times the accumulation sums the
         gradients of the same rows as N processes. A chunk left empty (fewer rows than chunks) becomes row 0 with
         weight 0: every process runs the same number of forwards and backwards, which DDP's all-reduce and
-        FSDP's all-gathers need. Multiply the micro-batch's loss by its weight."""
+        FSDP's all-gathers need. Multiply the micro-batch's loss by its weight.
+
+        ``lengths`` (each row's sequence length, indexed by row, e.g. `Rollout.sequence_lengths`): with more
+        than one chunk, the rows are first put in order of length (a stable sort), so that each micro-batch
+        holds rows of similar length and is padded to less than the longest row of the update (a micro-batch
+        is trimmed to its own longest row, `Rollout.subset`). The update sums the same rows' gradients."""
+        if lengths is not None and self.world * accumulation > 1 and len(rows) > 1:
+            rows = rows[torch.sort(lengths.to(rows.device)[rows], stable=True).indices]
         dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
         return [(part, 1.0) if len(part) else (dummy, 0.0)
                 for part in process_chunks(rows, self.world, self.rank, accumulation)]

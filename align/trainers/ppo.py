@@ -108,6 +108,7 @@ class PPOStep:
         stopped = False
         lr = run.scheduler.get_last_lr()[0]
         grad_norms = []
+        lengths = r.sequence_lengths()  # micro-batches of rows of similar length: less padding (`Run.shares`)
         for epoch in range(cfg.num_ppo_epochs):
             perm = torch.randperm(len(r), generator=make_generator("cpu", cfg.seed, step, "minibatches", epoch))
             epoch_kl: list[float] = []
@@ -115,7 +116,8 @@ class PPOStep:
                 n_tok = float(r.completion_mask[mb].sum())
                 num_items = max(n_tok, 1.0) / run.world  # DDP / FSDP average the processes' gradients
                 mb_kl = 0.0
-                for idx, weight in run.accumulate(run.shares(mb, cfg.gradient_accumulation_steps)):
+                micro = run.shares(mb, cfg.gradient_accumulation_steps, lengths)
+                for idx, weight in run.accumulate(micro):
                     stats = self._micro_step(r, idx, adv, returns, loss_beta, num_items, epoch == 0, weight)
                     mb_kl += float(stats["approx_kl"]) * float(r.completion_mask[idx].sum()) * weight
                     for key, v in stats.items():
