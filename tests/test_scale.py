@@ -194,7 +194,7 @@ def launch_cmd(kind: str, port: int, argv: list[str]) -> list[str]:
 
 
 @needs_torchrun
-@pytest.mark.parametrize("kind,stage", [("ddp", "ppo"), ("fsdp", "grpo")])
+@pytest.mark.parametrize("kind,stage", [("ddp", "ppo"), ("fsdp", "grpo"), ("fsdp", "ppo_one_base")])
 def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(kind, stage, tiny_model_dir, tiny_rm_dir,
                                                                       data, tmp_path):
     """Both processes are killed (SIGKILL, no chance to save) once a checkpoint exists; resuming the latest
@@ -204,7 +204,7 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(kind, stage
     argv = stages(tiny_model_dir, tiny_rm_dir, data, 2)[stage]
     argv = [a if a != "2" or argv[i - 1] != "--max_steps" else "12" for i, a in enumerate(argv)]
     argv += ["--save_steps", "3", "--save_total_limit", "2"]
-    port = 29651 if kind == "ddp" else 29653
+    port = {"ppo": 29651, "grpo": 29661, "ppo_one_base": 29665}[stage]  # and the next two
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     full, cut = tmp_path / "full", tmp_path / "cut"
     res = subprocess.run(launch_cmd(kind, port, [*argv, "--output_dir", str(full)]), env=env, capture_output=True,
@@ -222,7 +222,7 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(kind, stage
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # every process of the launch, mid-run
         proc.wait()
-    assert not os.path.exists(cut / "model.safetensors")  # it was stopped before the end
+    assert not os.path.exists(cut / "model.safetensors") and not os.path.exists(cut / "adapter_model.safetensors")
     latest = max(int(d.split("-")[1]) for d in os.listdir(cut / "checkpoints") if d.startswith("step-"))
     verify_checkpoint(str(cut / "checkpoints" / f"step-{latest}"))
     assert latest < 12
