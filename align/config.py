@@ -296,9 +296,9 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
               "gradient_checkpointing"),
     "data": ("train_data", "eval_data", "train_split", "eval_split", "column_map", "max_length", "eval_max_samples"),
     "optimisation": ("max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
-                     "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "seed",
-                     "num_threads"),
+                     "gradient_accumulation_steps", "max_tokens_per_micro_batch", "learning_rate", "weight_decay",
+                     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps",
+                     "warmup_ratio", "seed", "num_threads"),
     "RL: sampling, rewards and KL": ("max_new_tokens", "temperature", "top_p", "top_k", "missing_eos_penalty",
                                      "reward_funcs", "reward_weights", "gold_reward_funcs", "beta",
                                      "kl_estimator"),
@@ -405,6 +405,12 @@ class RLConfig(BaseConfig):
     kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log-ratio, unbiased), k2 (half squared "
                                  "log-ratio), k3 (r - 1 - log r, unbiased and >= 0).", choices=("k1", "k2", "k3"))
     eval_max_samples: int = _f(0, "Greedy evaluation on eval_data uses only the first N prompts (0: all).", ge=0)
+    max_tokens_per_micro_batch: int = _f(0, "PPO, GRPO, REINFORCE: cut each update into micro-batches of at most "
+                                            "this many tokens (rows x the longest row's prompt + completion, the "
+                                            "rows ordered by length; a longer row is a micro-batch alone) instead "
+                                            "of gradient_accumulation_steps equal parts: the same gradient, a "
+                                            "peak activation memory that follows the budget (veRL's "
+                                            "ppo_max_token_len_per_gpu). 0: off.", ge=0)
 
 
 @dataclass

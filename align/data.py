@@ -480,6 +480,33 @@ def process_chunks(items: Sequence[Any], num_processes: int, process_index: int,
     return [p for c, p in enumerate(parts) if c % num_processes == process_index]
 
 
+def chunks_within_budget(lengths: Sequence[int], budget: int, multiple: int = 1) -> list[list[int]]:
+    """Positions 0..n-1 of rows of ascending ``lengths`` cut into contiguous chunks whose padded size (rows x the
+    chunk's longest row) is at most ``budget`` (a row longer than the budget is a chunk alone); then, until
+    their number is a multiple of ``multiple`` (processes), the chunk of the largest padded size that has two
+    rows or more is halved, or, when none has, an empty chunk is added."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if cur and (len(cur) + 1) * max(longest, n) > budget:
+            chunks.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        chunks.append(cur)
+    while len(chunks) % multiple:
+        cost = [len(c) * max(lengths[i] for i in c) if len(c) > 1 else -1 for c in chunks]
+        k = max(range(len(chunks)), key=cost.__getitem__)
+        if cost[k] < 0:
+            chunks.append([])
+            continue
+        half = len(chunks[k]) // 2
+        chunks[k:k + 1] = [chunks[k][:half], chunks[k][half:]]
+    return chunks
+
+
 def split_micro_batches(indices: list[int], num_processes: int, process_index: int,
                         accumulation: int) -> list[list[int]]:
     """This process's micro-batches of a global batch (`process_chunks`); a batch too small to give every

@@ -403,3 +403,47 @@ def test_bad_settings_fail_in_one_line_before_writing(tiny_model_dir, files, tmp
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_token_budget_gives_the_update_of_whole_groups(tiny_model_dir, files, tmp_path, monkeypatch):
+    """GRPO with max_tokens_per_micro_batch: prompts of ~15 to ~100 tokens, 4 groups of 4 per step cut into
+    micro-batches of at most 250 padded tokens (groups ordered by length): the first update's summed gradient
+    equals that of one micro-batch of all 16 completions, and the logged loss and statistics match. (Later
+    weights are compared loosely: AdamW divides each gradient by its own running scale, so float rounding in a
+    near-zero gradient moves that weight by up to the learning rate.)"""
+    import align.trainers.grpo as GR
+    from align.trainers.loop import Run
+
+    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
+            for i, r in enumerate(addition_rows(24, seed=5))]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    counts: list[int] = []
+    grads: list[torch.Tensor] = []
+    real_micro, real_opt = GR.GRPOStep._micro_step, Run.optimizer_step
+
+    def counting(self, r, idx, *a, **kw):
+        counts.append(len(idx))
+        return real_micro(self, r, idx, *a, **kw)
+
+    def recording(self, *a, **kw):
+        if not grads:
+            grads.append(torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None]))
+        return real_opt(self, *a, **kw)
+
+    monkeypatch.setattr(GR.GRPOStep, "_micro_step", counting)
+    monkeypatch.setattr(Run, "optimizer_step", recording)
+    common = ("--max_steps", "2", "--reward_funcs", fn(files, "ordsum"), "--beta", "0.1", "--max_length", "128",
+              "--per_device_train_batch_size", "16")
+    argv = ["grpo", "--model", tiny_model_dir, "--train_data", data, *BASE]
+    assert main([*argv, "--output_dir", str(tmp_path / "budget"), *common, "--max_tokens_per_micro_batch", "250"]) == 0
+    cut, counts[:], g_cut = list(counts), [], grads.pop()
+    assert main([*argv, "--output_dir", str(tmp_path / "whole"), *common]) == 0
+    assert counts == [16, 16] and len(cut) > 2 * len(counts), cut
+    g_whole = grads.pop()
+    assert (g_cut - g_whole).abs().max() <= 1e-5 * g_whole.abs().max()
+    a = load_file(str(tmp_path / "budget" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.5e-3  # learning rate 1e-3
+    for ra, rb in zip(read_metrics(tmp_path / "budget"), read_metrics(tmp_path / "whole")):
+        for k in ("loss", "kl_penalty", "clip_frac", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-7), k

@@ -403,6 +403,79 @@ def test_micro_batches_hold_rows_of_similar_length(monkeypatch):
     assert r.sequence_lengths().tolist() == [4, 4, 4, 4]
 
 
+def test_token_budget_cuts_micro_batches_by_hand():
+    """`data.chunks_within_budget` and `Run.shares(max_tokens=...)`: rows in order of length, each micro-batch at
+    most the budget in rows x longest row, a longer row alone, the count a multiple of the processes."""
+    from align.data import chunks_within_budget
+    from align.trainers.loop import Run
+
+    # lengths 1 1 2 2 | 3 4 | 5 | 9, budget 8: 4 x 2 = 8 fits, + 3 would be 5 x 3; 2 x 4 = 8 fits, + 5 would be
+    # 3 x 5; 5 alone (2 x 9 > 8); 9 alone, over the budget
+    assert chunks_within_budget([1, 1, 2, 2, 3, 4, 5, 9], 8) == [[0, 1, 2, 3], [4, 5], [6], [7]]
+    # 3 processes: 4 chunks -> 6: the largest of 2+ rows halved (cost 8 and 8: the first), then [4, 5] (cost 8)
+    assert chunks_within_budget([1, 1, 2, 2, 3, 4, 5, 9], 8, 3) == [[0, 1], [2, 3], [4], [5], [6], [7]]
+    # no chunk of two rows left to halve: an empty chunk (a weight-0 micro-batch)
+    assert chunks_within_budget([5, 9], 8, 4) == [[0], [1], [], []]
+    assert chunks_within_budget([], 8, 2) == []
+    assert chunks_within_budget([3, 3, 3], 100) == [[0, 1, 2]]
+
+    class One:
+        def __init__(self, world, rank):
+            self.world, self.rank = world, rank
+
+    lengths = torch.tensor([5, 1, 4, 1, 3, 9, 2, 2])  # sorted rows 1 3 6 7 | 4 2 | 0 | 5
+    rows = torch.arange(8)
+    got = [(i.tolist(), w) for i, w in Run.shares(One(1, 0), rows, 1, lengths, max_tokens=8)]
+    assert got == [([1, 3, 6, 7], 1.0), ([4, 2], 1.0), ([0], 1.0), ([5], 1.0)]  # accumulation 1 is ignored
+    assert [i.tolist() for i, _ in Run.shares(One(2, 1), rows, 1, lengths, max_tokens=8)] == [[4, 2], [5]]
+    # one chunk [0, 5] (2 x 9 <= 20), halved for 2 processes: process 1 gets row 5
+    assert [(i.tolist(), w) for i, w in Run.shares(One(2, 1), torch.tensor([0, 5]), 1, lengths, max_tokens=20)] \
+        == [([5], 1.0)]
+    # 3 processes, two rows: an empty chunk, a weight-0 micro-batch of row 0 for process 2
+    assert [(i.tolist(), w) for i, w in Run.shares(One(3, 2), torch.tensor([0, 5]), 1, lengths, max_tokens=20)] \
+        == [([0], 0.0)]
+
+
+def mixed_prompts(path) -> str:
+    """Addition prompts behind 0 to 3 copies of a 28-character sentence: lengths from ~15 to ~100 tokens."""
+    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
+            for i, r in enumerate(addition_rows(24, seed=5))]
+    return write_jsonl(path, rows)
+
+
+def test_token_budget_trains_as_one_micro_batch_with_a_bounded_peak(tiny_model_dir, tiny_rm_dir, tmp_path,
+                                                                    monkeypatch):
+    """max_tokens_per_micro_batch: PPO's minibatch of 8 rollouts of ~20-110 tokens in micro-batches of at most
+    200 padded tokens gives the updates of one micro-batch of all 8 (within float rounding)."""
+    import align.trainers.ppo as P
+
+    data = mixed_prompts(tmp_path / "mixed.jsonl")
+    sizes: list[tuple[int, int]] = []
+    real_inputs = sequence_inputs
+
+    def recording(prompt_ids, *a):
+        out = real_inputs(prompt_ids, *a)
+        sizes.append(tuple(out["input_ids"].shape))
+        return out
+
+    monkeypatch.setattr(P, "sequence_inputs", recording)
+    common = ("--max_steps", "2", "--reward_model", tiny_rm_dir, "--value_model", tiny_rm_dir, "--num_mini_batches",
+              "1", "--per_device_train_batch_size", "8", "--max_length", "128", "--num_ppo_epochs", "2")
+    budget = ppo(tiny_model_dir, data, tmp_path / "budget", *common, "--max_tokens_per_micro_batch", "200")
+    cut, sizes[:] = list(sizes), []
+    whole = ppo(tiny_model_dir, data, tmp_path / "whole", *common)
+    assert all(rows == 8 for rows, _ in sizes)  # one micro-batch per update without the budget
+    assert len(cut) > 2 * len(sizes)  # (each size is recorded for the policy's and the critic's pass alike)
+    assert all(rows * n <= 200 or rows == 1 for rows, n in cut), cut
+    for sub in ("", "value_model"):
+        a = load_file(os.path.join(budget, sub, "model.safetensors"))
+        b = load_file(os.path.join(whole, sub, "model.safetensors"))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, sub
+    for ra, rb in zip(read_metrics(budget), read_metrics(whole)):
+        for k in ("policy_loss", "value_loss", "approx_kl", "grad_norm", "reward", "kl"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+
+
 def test_length_ordered_micro_batches_train_as_before_on_less_padding(tiny_model_dir, tiny_rm_dir, tmp_path,
                                                                        monkeypatch):
     """Prompts of very different lengths, 2 micro-batches per minibatch: ordering the rows by length gives the
@@ -410,9 +483,7 @@ def test_length_ordered_micro_batches_train_as_before_on_less_padding(tiny_model
     positions."""
     from align.trainers import loop
 
-    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
-            for i, r in enumerate(addition_rows(24, seed=5))]
-    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    data = mixed_prompts(tmp_path / "mixed.jsonl")
     seen: list[int] = []
     real_inputs = sequence_inputs
 
@@ -430,7 +501,7 @@ def test_length_ordered_micro_batches_train_as_before_on_less_padding(tiny_model
     ordered = ppo(tiny_model_dir, data, tmp_path / "ordered", *common)
     padded_ordered, seen[:] = sum(seen), []
     real_shares = loop.Run.shares
-    monkeypatch.setattr(loop.Run, "shares", lambda self, rows, acc, lengths=None: real_shares(self, rows, acc))
+    monkeypatch.setattr(loop.Run, "shares", lambda self, rows, acc, *_: real_shares(self, rows, acc))
     plain = ppo(tiny_model_dir, data, tmp_path / "plain", *common)
     padded_plain = sum(seen)
     assert padded_ordered < 0.9 * padded_plain, (padded_ordered, padded_plain)

@@ -274,3 +274,16 @@ def test_trpo_refuses_sharded_strategies_in_one_line(var, name, tiny_model_dir, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"not {name}" in err[0] and "ddp.yaml" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stage", ["trpo", "online_dpo"])
+def test_token_budget_is_refused_where_updates_are_not_cut_by_length(stage, tiny_model_dir, diversity_data, tmp_path,
+                                                                   capsys):
+    prompts, reward = diversity_data
+    out = tmp_path / "o"
+    assert main([stage, "--model", tiny_model_dir, "--train_data", prompts, "--reward_funcs", reward,
+                 "--output_dir", str(out), "--max_tokens_per_micro_batch", "256"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: max_tokens_per_micro_batch applies to ppo, grpo and reinforce, not {stage} (its "
+                   f"micro-batches are gradient_accumulation_steps equal parts)"]
+    assert not out.exists()

@@ -118,7 +118,8 @@ class GRPOStep:
         n_items = float(aggregate_count(r.completion_mask, self.agg))
         num_items = max(n_items, 1.0) / run.world  # DDP / FSDP average the processes' gradients
         rows = rows_with_gradient(adv, cfg.beta)  # completions with no gradient are left out (see the module doc)
-        micro = run.shares(rows, cfg.gradient_accumulation_steps, r.sequence_lengths())  # groups of similar length
+        micro = run.shares(rows, cfg.gradient_accumulation_steps, r.sequence_lengths(),  # groups of similar length
+                           cfg.max_tokens_per_micro_batch)
         token_stats = ("clip_frac", "approx_kl", "ratio_mean")
         sums: dict[str, float] = {}
         n_tok = 0.0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import AlignError, to_dict
-from ..data import global_batch_indices, process_chunks, split_micro_batches
+from ..data import chunks_within_budget, global_batch_indices, process_chunks, split_micro_batches
 from ..export import check_hub
 from ..models import resolve_dtype
 from .checkpoints import clear_previous_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -236,8 +236,8 @@ class Run:
         indices = global_batch_indices(step, num_examples, self.global_batch, self.cfg.seed)
         return indices, split_micro_batches(indices, self.world, self.rank, self.cfg.gradient_accumulation_steps)
 
-    def shares(self, rows: torch.Tensor, accumulation: int, lengths: torch.Tensor | None = None
-               ) -> list[tuple[torch.Tensor, float]]:
+    def shares(self, rows: torch.Tensor, accumulation: int, lengths: torch.Tensor | None = None,
+               max_tokens: int = 0) -> list[tuple[torch.Tensor, float]]:
         """This process's `accumulation` micro-batches of one update over `rows` (global row indices of a batch
         every process holds, the same list on each), as (indices, weight) pairs.
 
@@ -250,10 +250,20 @@ class Run:
         ``lengths`` (each row's sequence length, indexed by row, e.g. `Rollout.sequence_lengths`): with more
         than one chunk, the rows are first put in order of length (a stable sort), so that each micro-batch
         holds rows of similar length and is padded to less than the longest row of the update (a micro-batch
-        is trimmed to its own longest row, `Rollout.subset`). The update sums the same rows' gradients."""
-        if lengths is not None and self.world * accumulation > 1 and len(rows) > 1:
-            rows = rows[torch.sort(lengths.to(rows.device)[rows], stable=True).indices]
+        is trimmed to its own longest row, `Rollout.subset`). The update sums the same rows' gradients.
+
+        ``max_tokens`` > 0 (with ``lengths``): instead of processes × accumulation equal parts, the ordered rows
+        are cut into as many micro-batches as keep each at most ``max_tokens`` padded tokens (rows × longest row;
+        `data.chunks_within_budget`, their number a multiple of the processes), chunk c again to process
+        c % processes: the peak activation memory follows the budget, not the rows' lengths."""
         dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
+        if lengths is not None and (max_tokens > 0 or self.world * accumulation > 1) and len(rows) > 1:
+            order = torch.sort(lengths.to(rows.device)[rows], stable=True)
+            rows = rows[order.indices]
+            if max_tokens > 0:
+                parts = chunks_within_budget(order.values.tolist(), max_tokens, self.world)
+                return [(rows[torch.tensor(p, dtype=torch.long, device=rows.device)], 1.0) if p else (dummy, 0.0)
+                        for c, p in enumerate(parts) if c % self.world == self.rank]
         return [(part, 1.0) if len(part) else (dummy, 0.0)
                 for part in process_chunks(rows, self.world, self.rank, accumulation)]
 

@@ -31,7 +31,7 @@ from ..config import AlignError, OnlineDPOConfig
 from ..losses import REFERENCE_FREE_DPO_LOSSES, dpo_args_problem, dpo_loss
 from ..models import GroupLM
 from ..rollout import Rollout, group_completion_logprobs, logprob_request, scatter_logprobs, sequence_inputs
-from .rl import Reference, RLSetup, RLStage, check_rl_config, rollout_metrics, run_rl_stage
+from .rl import Reference, RLSetup, RLStage, check_rl_config, refuse_token_budget, rollout_metrics, run_rl_stage
 
 Tensor = torch.Tensor
 
@@ -39,6 +39,7 @@ Tensor = torch.Tensor
 def check_online_dpo_config(cfg: OnlineDPOConfig) -> None:
     """One-line errors for settings that cannot train, before anything is loaded or written."""
     check_rl_config(cfg)
+    refuse_token_budget(cfg, "online_dpo")
     problem = dpo_args_problem(cfg.loss_type, cfg.beta, cfg.label_smoothing)
     if problem:
         raise AlignError(problem)

@@ -54,6 +54,9 @@ def check_ppo_config(cfg: PPOConfig) -> None:
         raise AlignError(f"value_model {cfg.value_model}: expected a model directory, hub id or 'policy'")
 
 
+TOKEN_MEANS = ("clip_frac", "approx_kl", "vf_clip_frac")  # a micro-batch's mean over its tokens (the rest: loss terms)
+
+
 class PPOStep:
     """One PPO step (rollout, advantages, epochs of minibatch updates, β update) as a callable for Run.train."""
 
@@ -102,7 +105,7 @@ class PPOStep:
         cfg, run, model = self.cfg, self.run, self.model
         model.train()
         sums: dict[str, float] = {}
-        n_micro = 0.0
+        n_tok = 0.0
         updates = 0
         last_epoch_kl: list[float] = []
         stopped = False
@@ -116,13 +119,16 @@ class PPOStep:
                 n_tok = float(r.completion_mask[mb].sum())
                 num_items = max(n_tok, 1.0) / run.world  # DDP / FSDP average the processes' gradients
                 mb_kl = 0.0
-                micro = run.shares(mb, cfg.gradient_accumulation_steps, lengths)
+                micro = run.shares(mb, cfg.gradient_accumulation_steps, lengths, cfg.max_tokens_per_micro_batch)
                 for idx, weight in run.accumulate(micro):
                     stats = self._micro_step(r, idx, adv, returns, loss_beta, num_items, epoch == 0, weight)
-                    mb_kl += float(stats["approx_kl"]) * float(r.completion_mask[idx].sum()) * weight
+                    n_valid = float(r.completion_mask[idx].sum()) * weight
+                    mb_kl += float(stats["approx_kl"]) * n_valid
                     for key, v in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(v) * weight
-                    n_micro += weight
+                        # token means weigh by their tokens; the loss terms are shares of the minibatch's loss
+                        w = n_valid if key in TOKEN_MEANS else weight
+                        sums[key] = sums.get(key, 0.0) + float(v) * w
+                    n_tok += n_valid
                 # the schedule advances once per PPO step (in __call__), not once per update
                 grad_norms.append(run.optimizer_step(schedule=False).get("grad_norm"))
                 updates += 1
@@ -135,11 +141,14 @@ class PPOStep:
             if stopped:
                 break
         # the same names on every process: each runs the same micro-batches
-        sums = run.sum_over_processes({**sums, "_micro_batches": n_micro})
-        n_micro = sums.pop("_micro_batches")
+        sums = run.sum_over_processes({**sums, "_tokens": n_tok})
+        n_tok = sums.pop("_tokens")
         ent = sums.pop("entropy", None)
         n_ent = sums.pop("_entropy_count", 0.0)
-        out = {k: v / max(n_micro, 1.0) for k, v in sums.items()}
+        # a loss term of a micro-batch is its share of the minibatch's (over the minibatch's tokens / processes):
+        # their sum over processes / processes is the minibatch's loss, averaged over the updates
+        out = {k: v / max(n_tok, 1.0) if k in TOKEN_MEANS else v / max(updates, 1) / run.world
+               for k, v in sums.items()}
         if ent is not None and n_ent:
             out["entropy"] = ent / n_ent
         out.update(ppo_updates=float(updates), early_stopped=float(stopped), learning_rate=lr,

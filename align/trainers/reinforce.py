@@ -45,7 +45,8 @@ class ReinforceStep:
         n_pg, n_tok = float(aggregate_count(r.completion_mask, cfg.loss_agg)), float(r.completion_mask.sum())
         pg_items, tok_items = max(n_pg, 1.0) / run.world, max(n_tok, 1.0) / run.world
         sums: dict[str, float] = {}
-        micro = run.shares(torch.arange(len(r)), cfg.gradient_accumulation_steps, r.sequence_lengths())
+        micro = run.shares(torch.arange(len(r)), cfg.gradient_accumulation_steps, r.sequence_lengths(),
+                           cfg.max_tokens_per_micro_batch)
         for idx, weight in run.accumulate(micro):
             sub = r.subset(idx)
             c = sub.completion_ids.shape[1]

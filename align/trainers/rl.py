@@ -55,6 +55,13 @@ def check_rl_config(cfg) -> None:
     functions(list(cfg.reward_funcs) + list(cfg.gold_reward_funcs))  # bad specs fail here, with the spec named
 
 
+def refuse_token_budget(cfg, stage: str) -> None:
+    """For the RL stages whose updates are not cut by `Run.shares` with row lengths (TRPO, online DPO)."""
+    if cfg.max_tokens_per_micro_batch:
+        raise AlignError(f"max_tokens_per_micro_batch applies to ppo, grpo and reinforce, not {stage} (its "
+                         f"micro-batches are gradient_accumulation_steps equal parts)")
+
+
 def check_pg_config(cfg) -> None:
     """check_rl_config plus the Ψ settings of the vanilla policy-gradient stages (REINFORCE, TRPO)."""
     check_rl_config(cfg)

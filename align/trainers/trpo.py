@@ -44,7 +44,8 @@ from ..optim_math import (LineSearchResult, backtracking_line_search, conjugate_
                           hessian_vector_product, max_step_size)
 from ..rollout import Rollout, logprobs_from_selected, scatter_tokens, sequence_inputs
 from .critic import PolicyAndValue, policy_of
-from .rl import RLSetup, RLStage, check_pg_config, pg_has_critic, pg_module, psi_rollout, run_rl_stage
+from .rl import (RLSetup, RLStage, check_pg_config, pg_has_critic, pg_module, psi_rollout, refuse_token_budget,
+                 run_rl_stage)
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ class TRPOStep:
 
 def check_trpo_config(cfg: TRPOConfig) -> None:
     check_pg_config(cfg)
+    refuse_token_budget(cfg, "trpo")
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(var, "false").lower() == "true":
             raise AlignError(f"trpo runs under plain data parallel only, not {name}: the conjugate-gradient step "
