@@ -443,72 +443,65 @@ def mixed_prompts(path) -> str:
     return write_jsonl(path, rows)
 
 
-def test_token_budget_trains_as_one_micro_batch_with_a_bounded_peak(tiny_model_dir, tiny_rm_dir, tmp_path,
-                                                                    monkeypatch):
-    """max_tokens_per_micro_batch: PPO's minibatch of 8 rollouts of ~20-110 tokens in micro-batches of at most
-    200 padded tokens gives the updates of one micro-batch of all 8 (within float rounding)."""
-    import align.trainers.ppo as P
-
-    data = mixed_prompts(tmp_path / "mixed.jsonl")
-    sizes: list[tuple[int, int]] = []
-    real_inputs = sequence_inputs
-
-    def recording(prompt_ids, *a):
-        out = real_inputs(prompt_ids, *a)
-        sizes.append(tuple(out["input_ids"].shape))
-        return out
-
-    monkeypatch.setattr(P, "sequence_inputs", recording)
-    common = ("--max_steps", "2", "--reward_model", tiny_rm_dir, "--value_model", tiny_rm_dir, "--num_mini_batches",
-              "1", "--per_device_train_batch_size", "8", "--max_length", "128", "--num_ppo_epochs", "2")
-    budget = ppo(tiny_model_dir, data, tmp_path / "budget", *common, "--max_tokens_per_micro_batch", "200")
-    cut, sizes[:] = list(sizes), []
-    whole = ppo(tiny_model_dir, data, tmp_path / "whole", *common)
-    assert all(rows == 8 for rows, _ in sizes)  # one micro-batch per update without the budget
-    assert len(cut) > 2 * len(sizes)  # (each size is recorded for the policy's and the critic's pass alike)
-    assert all(rows * n <= 200 or rows == 1 for rows, n in cut), cut
+def same_ppo_runs(a: str, b: str) -> None:
+    """Two PPO runs made the same updates: policy and critic within 1e-5, the logged losses and statistics."""
     for sub in ("", "value_model"):
-        a = load_file(os.path.join(budget, sub, "model.safetensors"))
-        b = load_file(os.path.join(whole, sub, "model.safetensors"))
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, sub
-    for ra, rb in zip(read_metrics(budget), read_metrics(whole)):
+        wa = load_file(os.path.join(a, sub, "model.safetensors"))
+        wb = load_file(os.path.join(b, sub, "model.safetensors"))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, sub
+    for ra, rb in zip(read_metrics(a), read_metrics(b)):
         for k in ("policy_loss", "value_loss", "approx_kl", "grad_norm", "reward", "kl"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
 
 
+@pytest.fixture
+def input_shapes(monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, length) of every training forward of PPO's micro-batches (policy's and critic's alike)."""
+    import align.trainers.ppo as P
+
+    shapes: list[tuple[int, int]] = []
+
+    def recording(prompt_ids, *a):
+        out = sequence_inputs(prompt_ids, *a)
+        shapes.append(tuple(out["input_ids"].shape))
+        return out
+
+    monkeypatch.setattr(P, "sequence_inputs", recording)
+    return shapes
+
+
+def test_token_budget_trains_as_one_micro_batch_with_a_bounded_peak(tiny_model_dir, tiny_rm_dir, tmp_path,
+                                                                    input_shapes):
+    """max_tokens_per_micro_batch: PPO's minibatch of 8 rollouts of ~20-110 tokens in micro-batches of at most
+    200 padded tokens gives the updates of one micro-batch of all 8 (within float rounding)."""
+    data = mixed_prompts(tmp_path / "mixed.jsonl")
+    common = ("--max_steps", "2", "--reward_model", tiny_rm_dir, "--value_model", tiny_rm_dir, "--num_mini_batches",
+              "1", "--per_device_train_batch_size", "8", "--max_length", "128", "--num_ppo_epochs", "2")
+    budget = ppo(tiny_model_dir, data, tmp_path / "budget", *common, "--max_tokens_per_micro_batch", "200")
+    cut, input_shapes[:] = list(input_shapes), []
+    whole = ppo(tiny_model_dir, data, tmp_path / "whole", *common)
+    assert all(rows == 8 for rows, _ in input_shapes)  # one micro-batch per update without the budget
+    assert len(cut) > 2 * len(input_shapes)
+    assert all(rows * n <= 200 or rows == 1 for rows, n in cut), cut
+    same_ppo_runs(budget, whole)
+
+
 def test_length_ordered_micro_batches_train_as_before_on_less_padding(tiny_model_dir, tiny_rm_dir, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, input_shapes):
     """Prompts of very different lengths, 2 micro-batches per minibatch: ordering the rows by length gives the
     same updates as cutting them in sampled order (the same rows' gradients are summed), on fewer padded
     positions."""
     from align.trainers import loop
 
     data = mixed_prompts(tmp_path / "mixed.jsonl")
-    seen: list[int] = []
-    real_inputs = sequence_inputs
-
-    def counting(prompt_ids, *a):
-        out = real_inputs(prompt_ids, *a)
-        seen.append(out["input_ids"].numel())
-        return out
-
-    import align.trainers.ppo as P
-
-    monkeypatch.setattr(P, "sequence_inputs", counting)
     common = ("--max_steps", "2", "--reward_model", tiny_rm_dir, "--value_model", tiny_rm_dir,
               "--num_mini_batches", "1", "--gradient_accumulation_steps", "2",
               "--per_device_train_batch_size", "8", "--max_length", "128", "--num_ppo_epochs", "2")
     ordered = ppo(tiny_model_dir, data, tmp_path / "ordered", *common)
-    padded_ordered, seen[:] = sum(seen), []
+    padded_ordered, input_shapes[:] = sum(r * n for r, n in input_shapes), []
     real_shares = loop.Run.shares
     monkeypatch.setattr(loop.Run, "shares", lambda self, rows, acc, *_: real_shares(self, rows, acc))
     plain = ppo(tiny_model_dir, data, tmp_path / "plain", *common)
-    padded_plain = sum(seen)
+    padded_plain = sum(r * n for r, n in input_shapes)
     assert padded_ordered < 0.9 * padded_plain, (padded_ordered, padded_plain)
-    for sub in ("", "value_model"):
-        a = load_file(os.path.join(ordered, sub, "model.safetensors"))
-        b = load_file(os.path.join(plain, sub, "model.safetensors"))
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, sub
-    for ra, rb in zip(read_metrics(ordered), read_metrics(plain)):
-        for k in ("policy_loss", "value_loss", "approx_kl", "grad_norm", "reward", "kl"):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+    same_ppo_runs(ordered, plain)
