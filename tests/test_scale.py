@@ -74,6 +74,13 @@ def stages(model: str, rm: str, data: dict, processes: int) -> dict[str, list[st
                                 data["reward"], "--num_generations", "2", "--per_device_train_batch_size", "4",
                                 *acc(1), "--beta", "0.1", "--ref_update_every", "1", "--use_lora", "true",
                                 "--lora_r", "4", *RL, *COMMON, "--max_steps", "3", "--learning_rate", "3e-2"],
+        # micro-batches cut by a token budget (rows ordered by length; their count a multiple of the processes)
+        "ppo_budget": ["ppo", "--model", model, "--train_data", data["prompts"], "--reward_model", rm, "--value_model",
+                       rm, "--per_device_train_batch_size", str(4 * x), "--num_mini_batches", "2", "--num_ppo_epochs",
+                       "2", "--max_tokens_per_micro_batch", "40", *RL, *COMMON],
+        "grpo_budget": ["grpo", "--model", model, "--train_data", data["prompts"], "--reward_funcs", data["reward"],
+                        "--num_generations", "2", "--per_device_train_batch_size", "4", *acc(1), "--beta", "0.04",
+                        "--max_tokens_per_micro_batch", "40", *RL, *COMMON],
         # LoRA with one copy of the base: reward model and critic are adapters on the policy's base weights
         "ppo_one_base": ["ppo", "--model", model, "--train_data", data["prompts"], "--reward_model", data["rm_lora"],
                          "--value_model", data["rm_lora"], "--use_lora", "true", "--lora_r", "4",
@@ -152,8 +159,8 @@ def run_all(kind: str, names: list[str], tiny_model_dir, tiny_rm_dir, data, tmp_
         assert max(d.abs().max().item() for d in moved.values()) > 1e-4, n  # training moved it
 
 
-ALL = ["sft", "rm", "dpo", "ppo", "ppo_one_base", "grpo", "grpo_one_base", "grpo_iterative", "grpo_iterative_lora",
-       "reinforce", "trpo", "online_dpo"]
+ALL = ["sft", "rm", "dpo", "ppo", "ppo_budget", "ppo_one_base", "grpo", "grpo_budget", "grpo_one_base",
+       "grpo_iterative", "grpo_iterative_lora", "reinforce", "trpo", "online_dpo"]
 
 
 @needs_torchrun
