@@ -505,3 +505,34 @@ def test_length_ordered_micro_batches_train_as_before_on_less_padding(tiny_model
     padded_plain = sum(r * n for r, n in input_shapes)
     assert padded_ordered < 0.9 * padded_plain, (padded_ordered, padded_plain)
     same_ppo_runs(ordered, plain)
+
+
+def test_logged_token_means_are_means_over_the_updates_tokens(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path,
+                                                            monkeypatch):
+    """Two epochs of one minibatch in 2 micro-batches each: the logged approx_kl and clip_frac are the means over
+    every trained token of the step, and approx_kl_last_epoch (which target_approx_kl stops on) the last
+    epoch's, computed here from each micro-batch's own statistics and token count."""
+    from align.trainers.ppo import PPOStep
+
+    seen: list[tuple[float, float, float]] = []  # (approx_kl, clip_frac, valid tokens) of each micro-batch
+    real = PPOStep._micro_step
+
+    def recording(self, r, idx, *a, **kw):
+        stats = real(self, r, idx, *a, **kw)
+        seen.append((float(stats["approx_kl"]), float(stats["clip_frac"]), float(r.completion_mask[idx].sum())))
+        return stats
+
+    monkeypatch.setattr(PPOStep, "_micro_step", recording)
+    out = ppo(tiny_model_dir, prompts_file, tmp_path / "one", "--max_steps", "2", "--reward_model", tiny_rm_dir,
+              "--value_model", tiny_rm_dir, "--num_ppo_epochs", "2", "--num_mini_batches", "1",
+              "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate", "3e-2")
+    assert len(seen) == 2 * 2 * 2  # steps x epochs x micro-batches
+    for k, row in enumerate(read_metrics(out)):
+        step = seen[4 * k:4 * k + 4]
+        tokens = sum(n for _, _, n in step)
+        assert row["approx_kl"] == pytest.approx(sum(kl * n for kl, _, n in step) / tokens, rel=1e-6)
+        assert row["clip_frac"] == pytest.approx(sum(c * n for _, c, n in step) / tokens, rel=1e-6, abs=1e-12)
+        last = step[2:]
+        assert row["approx_kl_last_epoch"] == pytest.approx(sum(kl * n for kl, _, n in last)
+                                                            / sum(n for _, _, n in last), rel=1e-6)
+        assert row["approx_kl_last_epoch"] > 1e-6  # the second epoch runs after an update: a real KL

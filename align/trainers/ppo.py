@@ -105,7 +105,7 @@ class PPOStep:
         cfg, run, model = self.cfg, self.run, self.model
         model.train()
         sums: dict[str, float] = {}
-        n_tok = 0.0
+        tokens_seen = 0.0  # valid tokens of every micro-batch of every update: the weight of the token means
         updates = 0
         last_epoch_kl: list[float] = []
         stopped = False
@@ -128,7 +128,7 @@ class PPOStep:
                         # token means weigh by their tokens; the loss terms are shares of the minibatch's loss
                         w = n_valid if key in TOKEN_MEANS else weight
                         sums[key] = sums.get(key, 0.0) + float(v) * w
-                    n_tok += n_valid
+                    tokens_seen += n_valid
                 # the schedule advances once per PPO step (in __call__), not once per update
                 grad_norms.append(run.optimizer_step(schedule=False).get("grad_norm"))
                 updates += 1
@@ -141,13 +141,13 @@ class PPOStep:
             if stopped:
                 break
         # the same names on every process: each runs the same micro-batches
-        sums = run.sum_over_processes({**sums, "_tokens": n_tok})
-        n_tok = sums.pop("_tokens")
+        sums = run.sum_over_processes({**sums, "_tokens": tokens_seen})
+        tokens_seen = sums.pop("_tokens")
         ent = sums.pop("entropy", None)
         n_ent = sums.pop("_entropy_count", 0.0)
         # a loss term of a micro-batch is its share of the minibatch's (over the minibatch's tokens / processes):
         # their sum over processes / processes is the minibatch's loss, averaged over the updates
-        out = {k: v / max(n_tok, 1.0) if k in TOKEN_MEANS else v / max(updates, 1) / run.world
+        out = {k: v / max(tokens_seen, 1.0) if k in TOKEN_MEANS else v / max(updates, 1) / run.world
                for k, v in sums.items()}
         if ent is not None and n_ent:
             out["entropy"] = ent / n_ent
