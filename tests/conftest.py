@@ -104,3 +104,11 @@ def diversity_data(tmp_path_factory) -> tuple[str, str]:
     rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(12, seed=7)]
     (d / "rewards.py").write_text(DIVERSITY)
     return write_jsonl(d / "rl.jsonl", rows), f"{d / 'rewards.py'}:distinct_chars"
+
+
+def mixed_prompts(path) -> str:
+    """RL prompts of mixed lengths: addition problems behind 0 to 3 copies of a 28-character sentence (about 15 to
+    100 tokens), with the answer column; written to `path`."""
+    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
+            for i, r in enumerate(addition_rows(24, seed=5))]
+    return write_jsonl(path, rows)

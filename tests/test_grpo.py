@@ -16,7 +16,7 @@ from align.comparisons import group_comparisons
 from align.losses import LOSS_TYPES, POLICY_LOSSES, grpo_loss
 from align.models import GroupLM
 from align.trainers import grpo as G
-from conftest import addition_rows, read_metrics, write_jsonl
+from conftest import addition_rows, mixed_prompts, read_metrics, write_jsonl
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",
         "--max_length", "32", "--learning_rate", "1e-3", "--num_generations", "4",
@@ -414,9 +414,7 @@ def test_token_budget_gives_the_update_of_whole_groups(tiny_model_dir, files, tm
     import align.trainers.grpo as GR
     from align.trainers.loop import Run
 
-    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
-            for i, r in enumerate(addition_rows(24, seed=5))]
-    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    data = mixed_prompts(tmp_path / "mixed.jsonl")
     counts: list[int] = []
     grads: list[torch.Tensor] = []
     real_micro, real_opt = GR.GRPOStep._micro_step, Run.optimizer_step

@@ -18,7 +18,7 @@ from align.rollout import Rollout, generate, logprobs_from_selected, scatter_tok
 from align.advantages import per_token_rewards, ppo_advantages, token_kl
 from align.losses import ppo_loss
 from align.trainers.critic import PolicyAndValue
-from conftest import addition_rows, read_metrics, write_jsonl
+from conftest import addition_rows, mixed_prompts, read_metrics, write_jsonl
 
 BASE = ["--disable_tqdm", "true", "--logging_steps", "1", "--seed", "3", "--max_new_tokens", "4",
         "--per_device_train_batch_size", "4", "--max_length", "32", "--learning_rate", "1e-3"]
@@ -434,13 +434,6 @@ def test_token_budget_cuts_micro_batches_by_hand():
     # 3 processes, two rows: an empty chunk, a weight-0 micro-batch of row 0 for process 2
     assert [(i.tolist(), w) for i, w in Run.shares(One(3, 2), torch.tensor([0, 5]), 1, lengths, max_tokens=20)] \
         == [([0], 0.0)]
-
-
-def mixed_prompts(path) -> str:
-    """Addition prompts behind 0 to 3 copies of a 28-character sentence: lengths from ~15 to ~100 tokens."""
-    rows = [{"prompt": ("Please add the two numbers. " * (i % 4)) + r["prompt"], "answer": r["answer"]}
-            for i, r in enumerate(addition_rows(24, seed=5))]
-    return write_jsonl(path, rows)
 
 
 def same_ppo_runs(a: str, b: str) -> None:

@@ -20,7 +20,8 @@ from conftest import write_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_MODELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "llama", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2"}
 FAMILIES = ["smollm2-135m", "smollm2-135m-lora", "qwen2.5-0.5b"]
-ORDER = {"sft": 0, "rm": 1, "ppo": 2, "grpo": 3, "trpo": 4, "reinforce": 5, "online_dpo": 6, "dpo": 7}  # stage recipes, in the order they run
+# stage recipes, in the order they run
+ORDER = {"sft": 0, "rm": 1, "ppo": 2, "grpo": 3, "trpo": 4, "reinforce": 5, "online_dpo": 6, "dpo": 7}
 PIPELINES = {"smollm2-135m": "pipeline.yaml"}  # run by test_real_model_pipeline_runs_two_steps_per_stage_...
 
 
